@@ -1,0 +1,270 @@
+"""The ``evolve`` command line: run jobs, evaluate, and inspect stores, runs and knowledge."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from evolve import __version__
+from evolve.errors import EvolveError
+
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help="Make LLM agents better from their own experience."
+)
+store_app = typer.Typer(no_args_is_help=True, help="Inspect and maintain an ExperienceStore.")
+runs_app = typer.Typer(no_args_is_help=True, help="List and show job runs.")
+skills_app = typer.Typer(no_args_is_help=True, help="List, show and roll back skills and guardrails.")
+app.add_typer(store_app, name="store")
+app.add_typer(runs_app, name="runs")
+app.add_typer(skills_app, name="skills")
+console = Console()
+
+StoreOpt = typer.Option(
+    "runs/quickstart/store.duckdb", "--store", "-s", help="Path of the store's DuckDB file."
+)
+NsOpt = typer.Option(None, "--namespace", "-n", help="Namespace (tenant); default: the store's default.")
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"evolve {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version."
+    ),
+) -> None:
+    pass
+
+
+def _open(path: str, namespace: str | None = None, read_only: bool = True):  # noqa: ANN202
+    from evolve.stores import ExperienceStore
+
+    p = Path(path)
+    if not p.exists():
+        raise EvolveError(f"store '{p}' does not exist; run `evolve run` first or pass --store PATH")
+    store = ExperienceStore(p, read_only=read_only, embedder=None)
+    if namespace is None:
+        nss = [n for n in store.list_namespaces() if n != "default"]
+        store.namespace = nss[0] if len(nss) == 1 else "default"
+    else:
+        store.namespace = namespace
+    return store
+
+
+@app.command()
+def run(
+    job: Path | None = typer.Argument(None, help="Job YAML; none = the embedded quickstart."),
+    stage: list[str] | None = typer.Option(None, "--stage", help="Run only this stage (repeatable)."),
+    run_id: str | None = typer.Option(None, "--run-id", help="Resume or name a run (default: the job name)."),
+    fresh: bool = typer.Option(False, "--fresh", help="Start the run over: forget its finished stages."),
+    set_: list[str] | None = typer.Option(
+        None, "--set", help="Override a field: --set stages.eval.episodes=4"
+    ),
+) -> None:
+    """Run a job: collect -> diagnose -> distill -> synth -> train -> eval (resumable)."""
+    from evolve.config import load_job
+    from evolve.pipeline import run_job
+
+    overrides = {}
+    for item in set_ or []:
+        if "=" not in item:
+            raise EvolveError(f"--set '{item}' must look like key.path=value")
+        k, v = item.split("=", 1)
+        try:
+            overrides[k] = json.loads(v)
+        except json.JSONDecodeError:
+            overrides[k] = v
+    cfg = load_job(job, overrides)
+    result = run_job(cfg, stages=stage, run_id=run_id, fresh=fresh, console=console)
+    if result.get("report"):
+        console.print(f"\n[bold green]report:[/] {result['report']}")
+
+
+@app.command("eval")
+def eval_(
+    job: Path | None = typer.Argument(None, help="Job YAML; none = the embedded quickstart."),
+    run_id: str | None = typer.Option(None, "--run-id"),
+) -> None:
+    """Run only the eval stage of a job (its knowledge must already be distilled)."""
+    from evolve.config import load_job
+    from evolve.pipeline import run_job
+
+    cfg = load_job(job)
+    result = run_job(cfg, stages=["eval"], run_id=run_id, console=console)
+    if result.get("report"):
+        console.print(f"\n[bold green]report:[/] {result['report']}")
+
+
+# ---------------------------------------------------------------- store
+@store_app.command("stats")
+def store_stats(store: str = StoreOpt, namespace: str | None = NsOpt) -> None:
+    """Counts per table, outcomes, namespaces."""
+    with _open(store, namespace) as st:
+        s = st.stats()
+    t = Table(title=f"{s['path']} [{s['namespace']}]")
+    t.add_column("what")
+    t.add_column("value", justify="right")
+    for k, v in s.items():
+        if k not in ("path", "namespace"):
+            t.add_row(k, str(v))
+    console.print(t)
+
+
+@store_app.command("search")
+def store_search(
+    query: str,
+    store: str = StoreOpt,
+    namespace: str | None = NsOpt,
+    kind: str = typer.Option("skill", help="trajectory | skill | guardrail"),
+    k: int = typer.Option(5, help="How many hits."),
+    mode: str = typer.Option("hybrid", help="hybrid | dense | keyword"),
+) -> None:
+    """Hybrid (dense + BM25) search within one namespace."""
+    with _open(store, namespace, read_only=False) as st:
+        hits = st.search(query, kind=kind, k=k, mode=mode)  # type: ignore[arg-type]
+    t = Table(title=f"{kind} hits for {query!r}")
+    for c in ("score", "dense", "bm25", "id", "text"):
+        t.add_column(c)
+    for h in hits:
+        t.add_row(
+            f"{h.score:.4f}", f"{h.dense_score or 0:.3f}", f"{h.keyword_score or 0:.2f}", h.id, h.text[:90]
+        )
+    console.print(t)
+
+
+@store_app.command("export")
+def store_export(
+    out: Path,
+    store: str = StoreOpt,
+    namespace: str | None = NsOpt,
+    kind: str = typer.Option("trajectories", help="trajectories | skills | guardrails | examples"),
+) -> None:
+    """Export records as JSON lines."""
+    with _open(store, namespace) as st:
+        n = st.export_jsonl(out, kind)
+    console.print(f"wrote {n} {kind} to {out}")
+
+
+@store_app.command("import")
+def store_import(
+    src: Path,
+    store: str = StoreOpt,
+    namespace: str | None = NsOpt,
+    kind: str = typer.Option("trajectories", help="trajectories | skills | guardrails | examples"),
+) -> None:
+    """Import JSON lines (validated first: all or nothing)."""
+    from evolve.stores import ExperienceStore
+
+    with ExperienceStore(store, namespace=namespace or "default") as st:
+        n = st.import_jsonl(src, kind)
+    console.print(f"imported {n} {kind} into {store}")
+
+
+@store_app.command("rebuild-index")
+def store_rebuild(store: str = StoreOpt, namespace: str | None = NsOpt) -> None:
+    """Re-derive the FAISS indexes from DuckDB."""
+    with _open(store, namespace, read_only=False) as st:
+        counts = st.rebuild_index()
+    console.print("rebuilt: " + ", ".join(f"{k}={v}" for k, v in counts.items()))
+
+
+# ---------------------------------------------------------------- runs
+@runs_app.command("list")
+def runs_list(store: str = StoreOpt) -> None:
+    with _open(store) as st:
+        runs = st.runs()
+        t = Table(title="runs")
+        for c in ("id", "namespace", "status", "stages", "updated"):
+            t.add_column(c)
+        for r in runs:
+            stages = st.stages(r["id"])
+            done = ",".join(s for s, v in stages.items() if v["status"] == "done")
+            t.add_row(r["id"], r["namespace"], r["status"], done, str(r["updated_at"])[:19])
+    console.print(t)
+
+
+@runs_app.command("show")
+def runs_show(run_id: str, store: str = StoreOpt) -> None:
+    with _open(store) as st:
+        runs = {r["id"]: r for r in st.runs()}
+        if run_id not in runs:
+            raise EvolveError(f"no run '{run_id}' in {store} (runs: {', '.join(runs) or 'none'})")
+        stages = st.stages(run_id)
+    console.print(f"[bold]{run_id}[/] status={runs[run_id]['status']}")
+    for name, v in stages.items():
+        console.print(f"  {name}: {v['status']}  {json.dumps(v['data'], default=str)[:300]}")
+
+
+# ---------------------------------------------------------------- skills
+@skills_app.command("list")
+def skills_list(
+    store: str = StoreOpt,
+    namespace: str | None = NsOpt,
+    status: str | None = typer.Option(None, help="candidate | active | retired"),
+) -> None:
+    with _open(store, namespace) as st:
+        items = [*st.skills(status=status), *st.guardrails(status=status)]
+    t = Table(title="knowledge")
+    for c in ("id", "kind", "status", "v", "conf", "effect", "text"):
+        t.add_column(c)
+    for it in items:
+        kind = "skill" if it.id.startswith("skill") or hasattr(it, "preconditions") else "guardrail"
+        eff = "" if it.stats.effect is None else f"{it.stats.effect:+.2f}"
+        t.add_row(
+            it.id, kind, it.status.value, str(it.version), f"{it.stats.confidence:.2f}", eff, it.text()[:80]
+        )
+    console.print(t)
+
+
+@skills_app.command("show")
+def skills_show(knowledge_id: str, store: str = StoreOpt, namespace: str | None = NsOpt) -> None:
+    with _open(store, namespace) as st:
+        it = st.get_knowledge(knowledge_id)
+        versions = st.knowledge_versions(knowledge_id)
+    console.print_json(it.model_dump_json())
+    console.print(f"versions: {versions}")
+
+
+@skills_app.command("rollback")
+def skills_rollback(
+    knowledge_id: str, version: int, store: str = StoreOpt, namespace: str | None = NsOpt
+) -> None:
+    with _open(store, namespace, read_only=False) as st:
+        it = st.rollback(knowledge_id, version)
+    console.print(f"{knowledge_id} now at version {it.version} (content of version {version})")
+
+
+def main() -> None:
+    """Entry point: user mistakes print one line, not a traceback."""
+    try:
+        app(standalone_mode=False)
+    except EvolveError as e:
+        Console(stderr=True).print(f"[bold red]error:[/] {e}", highlight=False)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        Console(stderr=True).print("interrupted; finished work is saved, rerun the same command to resume")
+        sys.exit(130)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except Exception as e:  # click usage errors arrive here in non-standalone mode
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        if isinstance(e, click.exceptions.Abort):
+            sys.exit(1)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,137 @@
+"""Metrics over trajectories: success, goal success, score, steps, cost, latency, failure causes.
+
+Confidence intervals are percentile bootstraps over episodes; comparisons between arms are
+paired on (task, seed) when both arms ran the same episodes.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from statistics import median
+
+import numpy as np
+from pydantic import BaseModel, Field
+
+from evolve.schema import Outcome, Trajectory
+
+
+class Estimate(BaseModel):
+    mean: float
+    lo: float
+    hi: float
+    n: int
+
+    def fmt(self, scale: float = 1.0, digits: int = 1) -> str:
+        return f"{self.mean * scale:.{digits}f} [{self.lo * scale:.{digits}f}, {self.hi * scale:.{digits}f}]"
+
+
+class ArmMetrics(BaseModel):
+    arm: str
+    episodes: int
+    success: Estimate
+    goal_success: Estimate
+    """Mean fraction of a task's goals (sub-rewards) reached: score / max_score."""
+    score: Estimate
+    """Normalised score, 0-100."""
+    steps_mean: float
+    steps_success_mean: float | None
+    prompt_tokens_per_step: float
+    completion_tokens_per_step: float
+    cost_usd: float
+    latency_p50_s: float
+    latency_p95_s: float
+    errors: int
+    failure_causes: dict[str, int] = Field(default_factory=dict)
+    """Episode-level failure causes of failed episodes (the diagnosis taxonomy)."""
+    step_causes: dict[str, int] = Field(default_factory=dict)
+
+
+class Comparison(BaseModel):
+    a: str
+    b: str
+    paired_episodes: int
+    success_delta: Estimate
+    """a - b in success rate (0-1), paired bootstrap."""
+    score_delta: Estimate
+
+
+def bootstrap(values: Sequence[float], n_boot: int = 2000, seed: int = 0, alpha: float = 0.05) -> Estimate:
+    x = np.asarray(values, dtype=np.float64)
+    if x.size == 0:
+        return Estimate(mean=float("nan"), lo=float("nan"), hi=float("nan"), n=0)
+    rng = np.random.default_rng(seed)
+    means = x[rng.integers(0, x.size, size=(n_boot, x.size))].mean(axis=1)
+    return Estimate(
+        mean=float(x.mean()),
+        lo=float(np.quantile(means, alpha / 2)),
+        hi=float(np.quantile(means, 1 - alpha / 2)),
+        n=int(x.size),
+    )
+
+
+def _goal_fraction(t: Trajectory) -> float:
+    if t.success:
+        return 1.0
+    if t.max_score:
+        return max(0.0, min(1.0, t.score / t.max_score))
+    return 0.0
+
+
+def arm_metrics(arm: str, trajs: Sequence[Trajectory], n_boot: int = 2000) -> ArmMetrics:
+    succ = [1.0 if t.success else 0.0 for t in trajs]
+    goal = [_goal_fraction(t) for t in trajs]
+    score = [100.0 * g for g in goal]
+    steps = [len(t.steps) for t in trajs]
+    n_steps = max(sum(steps), 1)
+    lat = [s.timings.total_s for t in trajs for s in t.steps] or [0.0]
+    fc: Counter[str] = Counter()
+    sc: Counter[str] = Counter()
+    for t in trajs:
+        if not t.success and t.diagnosis:
+            fc.update(t.diagnosis.cause_names() or ["unknown"])
+        elif not t.success:
+            fc["undiagnosed"] += 1
+        for s in t.steps:
+            if s.diagnosis:
+                sc.update(s.diagnosis.cause_names())
+    usage = [t.usage() for t in trajs]
+    succ_steps = [len(t.steps) for t in trajs if t.success]
+    return ArmMetrics(
+        arm=arm,
+        episodes=len(trajs),
+        success=bootstrap(succ, n_boot),
+        goal_success=bootstrap(goal, n_boot),
+        score=bootstrap(score, n_boot),
+        steps_mean=float(np.mean(steps)) if steps else 0.0,
+        steps_success_mean=float(np.mean(succ_steps)) if succ_steps else None,
+        prompt_tokens_per_step=sum(u.prompt_tokens for u in usage) / n_steps,
+        completion_tokens_per_step=sum(u.completion_tokens for u in usage) / n_steps,
+        cost_usd=sum(u.cost_usd for u in usage),
+        latency_p50_s=float(median(lat)),
+        latency_p95_s=float(np.quantile(lat, 0.95)),
+        errors=sum(1 for t in trajs if t.outcome == Outcome.error),
+        failure_causes=dict(fc.most_common()),
+        step_causes=dict(sc.most_common()),
+    )
+
+
+def _key(t: Trajectory) -> tuple[str, int | None, int]:
+    return (t.task_id, t.seed, int(t.metadata.get("trial", 0)))
+
+
+def compare(
+    a: str, ta: Sequence[Trajectory], b: str, tb: Sequence[Trajectory], n_boot: int = 2000
+) -> Comparison:
+    """Paired difference a - b over the episodes both arms ran (same task, seed, trial)."""
+    ib = {_key(t): t for t in tb}
+    pairs = [(t, ib[_key(t)]) for t in ta if _key(t) in ib]
+    ds = [(1.0 if x.success else 0.0) - (1.0 if y.success else 0.0) for x, y in pairs]
+    dg = [100.0 * (_goal_fraction(x) - _goal_fraction(y)) for x, y in pairs]
+    return Comparison(
+        a=a,
+        b=b,
+        paired_episodes=len(pairs),
+        success_delta=bootstrap(ds, n_boot),
+        score_delta=bootstrap(dg, n_boot),
+    )
