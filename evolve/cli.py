@@ -248,7 +248,8 @@ def main() -> None:
     try:
         app(standalone_mode=False)
     except EvolveError as e:
-        Console(stderr=True).print(f"[bold red]error:[/] {e}", highlight=False)
+        # Plain print: a terminal-width wrap would split the one-line message.
+        print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         Console(stderr=True).print("interrupted; finished work is saved, rerun the same command to resume")

@@ -1,0 +1,286 @@
+"""A policy backed by a local transformers causal LM (full logits, no server)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from evolve.agents.base import Decision
+from evolve.agents.policies.prompting import (
+    PromptOptions,
+    build_messages,
+    fallback_command,
+    parse_answer,
+    repair_messages,
+    select_actions,
+)
+from evolve.errors import PolicyError
+from evolve.schema import Action, ActionSource, MemoryContext, Observation, Privileged, Step, Task, TokenUsage
+
+log = logging.getLogger(__name__)
+
+HFMode = Literal["generate", "rank"]
+_SENTINEL = "\x00EVOLVE_ACTION\x00"
+
+
+def resolve_device(device: str = "auto") -> str:
+    """'auto' -> cuda when available, else cpu."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_dtype(dtype: str, device: str) -> Any:
+    """'auto' -> bfloat16 on a CUDA device that supports it, float32 otherwise (CPU bf16 is slow)."""
+    import torch
+
+    if dtype == "auto":
+        if device.startswith("cuda") and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    try:
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    except KeyError:
+        raise PolicyError(f"unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16") from None
+
+
+class HFPolicy:
+    """Chooses actions with a local causal LM and its chat template.
+
+    ``mode="generate"``: the model writes an answer (greedy when ``temperature == 0``), parsed and
+    repaired like :class:`~evolve.agents.policies.openai_policy.OpenAIPolicy`'s.
+    ``mode="rank"``: every admissible candidate (pre-filtered to ``max_candidates``) is scored by
+    the log-probability of its tokens as the assistant's reply; the prompt is run once and its KV
+    cache shared by a batch of candidates. Ranking always returns an admissible action.
+    """
+
+    needs_privileged = False
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        mode: HFMode = "generate",
+        device: str = "auto",
+        dtype: str = "auto",
+        temperature: float = 0.0,
+        max_tokens: int = 64,
+        seed: int | None = None,
+        rank_reduction: Literal["mean", "sum"] = "mean",
+        max_candidates: int = 60,
+        rank_batch_size: int = 16,
+        prompt: PromptOptions | None = None,
+        name: str | None = None,
+        _model: Any = None,
+        _tokenizer: Any = None,
+    ) -> None:
+        if mode not in ("generate", "rank"):
+            raise PolicyError(f"unknown HF policy mode {mode!r}; use 'generate' or 'rank'")
+        self.path = str(path)
+        self.mode = mode
+        self.temperature = temperature
+        self.max_tokens = max_tokens
+        self.seed = seed
+        self.rank_reduction = rank_reduction
+        self.max_candidates = max_candidates
+        self.rank_batch_size = max(1, rank_batch_size)
+        fmt = "command" if mode == "rank" else "json"
+        self.prompt = prompt or PromptOptions(action_format=fmt)
+        self.name = name or f"hf:{Path(self.path).name or self.path}:{mode}"
+        self.total_usage = TokenUsage()
+        self._goal = ""
+        self._steps = 0
+        if _model is not None:
+            self.model, self.tokenizer = _model, _tokenizer
+            self.device = str(next(_model.parameters()).device)
+        else:
+            self.device = resolve_device(device)
+            self.model, self.tokenizer = self._load(dtype)
+        self.model.eval()
+
+    @classmethod
+    def from_model(cls, model: Any, tokenizer: Any, **kwargs: Any) -> HFPolicy:
+        """Wrap an already loaded model (e.g. the student a trainer is updating)."""
+        path = getattr(model, "name_or_path", "") or "in-memory"
+        return cls(path, _model=model, _tokenizer=tokenizer, **kwargs)
+
+    def _load(self, dtype: str) -> tuple[Any, Any]:
+        p = Path(self.path).expanduser()
+        if not (p / "config.json").is_file():
+            raise PolicyError(
+                f"HF model path {self.path!r} is not a local model directory (no config.json); "
+                "point policy.path at a saved checkpoint"
+            )
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        try:
+            tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+            model = AutoModelForCausalLM.from_pretrained(
+                str(p), dtype=resolve_dtype(dtype, self.device), local_files_only=True
+            )
+        except (OSError, ValueError) as e:
+            raise PolicyError(
+                f"could not load HF model from {self.path!r}: {' '.join(str(e).split())[:200]}"
+            ) from e
+        if tok.chat_template is None:
+            raise PolicyError(f"tokenizer at {self.path!r} has no chat template; HFPolicy needs a chat model")
+        return model.to(self.device), tok
+
+    # ------------------------------------------------------------------ Policy protocol
+
+    def reset(self, task: Task, privileged: Privileged | None = None) -> None:
+        self._goal = task.goal
+        self._steps = 0
+
+    def act(self, obs: Observation, history: list[Step], memory: MemoryContext) -> Decision:
+        t0 = time.perf_counter()
+        self._steps += 1
+        messages = build_messages(self._goal or obs.goal, obs, history, memory, self.prompt)
+        if self.mode == "rank" and obs.admissible_actions:
+            action, usage, error = self._rank(messages, obs, history, memory)
+        else:
+            action, usage, error = self._generate_action(messages, obs.admissible_actions)
+        self.total_usage = self.total_usage + usage
+        return Decision(action=action, usage=usage, latency_s=time.perf_counter() - t0, error=error)
+
+    # ------------------------------------------------------------------ generate
+
+    def _generate_action(
+        self, messages: list[dict[str, str]], admissible: list[str] | None
+    ) -> tuple[Action, TokenUsage, str | None]:
+        raw, usage = self.generate(messages)
+        parsed = parse_answer(raw, admissible)
+        if parsed.command is None:
+            raw2, u = self.generate(repair_messages(messages, raw, parsed.problem or "invalid"))
+            usage = usage + u
+            retry = parse_answer(raw2, admissible)
+            if retry.command is not None:
+                parsed, raw = retry, raw2
+        if parsed.command is None:
+            action = Action(text=fallback_command(admissible), source=ActionSource.fallback, raw=raw)
+            return action, usage, f"invalid model output after retry: {parsed.problem}"
+        return Action(text=parsed.command, thought=parsed.thought, raw=raw), usage, None
+
+    def generate(self, messages: list[dict[str, str]]) -> tuple[str, TokenUsage]:
+        """The model's answer to chat messages, and the tokens it cost."""
+        import torch
+
+        enc = self.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+        ).to(self.device)
+        sample = self.temperature > 0
+        kwargs: dict[str, Any] = {"max_new_tokens": self.max_tokens, "do_sample": sample}
+        if sample:
+            kwargs["temperature"] = self.temperature
+            if self.seed is not None:
+                # Reproducible sampling per (seed, step) without depending on earlier calls.
+                torch.manual_seed(self.seed * 100_003 + self._steps)
+        else:
+            # Greedy: clear sampling knobs a checkpoint's generation_config may carry.
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        pad = self.tokenizer.pad_token_id
+        if pad is None:
+            pad = self.tokenizer.eos_token_id
+        with torch.inference_mode():
+            out = self.model.generate(**enc, pad_token_id=pad, **kwargs)
+        n_prompt = enc["input_ids"].shape[1]
+        new = out[0, n_prompt:]
+        text = self.tokenizer.decode(new, skip_special_tokens=True)
+        return text, TokenUsage(prompt_tokens=int(n_prompt), completion_tokens=int(new.shape[0]))
+
+    # ------------------------------------------------------------------ rank
+
+    def _rank(
+        self, messages: list[dict[str, str]], obs: Observation, history: list[Step], memory: MemoryContext
+    ) -> tuple[Action, TokenUsage, str | None]:
+        admissible = obs.admissible_actions or []
+        skill_text = " ".join(s.text() for s in memory.skills)
+        candidates = select_actions(
+            admissible,
+            self._goal or obs.goal,
+            obs.text,
+            skill_text,
+            cap=self.max_candidates,
+            recent=[s.action.text for s in history[-3:]],
+        )
+        scores, usage = self.score_candidates(messages, candidates)
+        best = max(range(len(candidates)), key=lambda i: (scores[i], -i))
+        top = sorted(zip(candidates, scores, strict=True), key=lambda x: -x[1])[:5]
+        raw = json.dumps({c: round(s, 4) for c, s in top})
+        return Action(text=candidates[best], source=ActionSource.policy, raw=raw), usage, None
+
+    def _continuation_parts(self, messages: list[dict[str, str]]) -> tuple[str, str, str]:
+        """(prompt text, text before the action, text after it) as the chat template renders a reply."""
+        tok = self.tokenizer
+        prompt = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        full = tok.apply_chat_template(
+            [*messages, {"role": "assistant", "content": _SENTINEL}], tokenize=False
+        )
+        if full.startswith(prompt) and _SENTINEL in full:
+            pre, post = full[len(prompt) :].split(_SENTINEL, 1)
+            # Score the end-of-turn token too: otherwise 'open' beats 'open door' just by being shorter.
+            return prompt, pre, post.rstrip()
+        return prompt, "", tok.eos_token or ""
+
+    def score_candidates(
+        self, messages: list[dict[str, str]], candidates: list[str]
+    ) -> tuple[list[float], TokenUsage]:
+        """Log-probability (mean or sum over tokens) of each candidate as the assistant's reply."""
+        import torch
+
+        prompt, pre, post = self._continuation_parts(messages)
+        tok = self.tokenizer
+        prompt_ids = tok(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"].to(self.device)
+        cand_ids = [tok(pre + c + post, add_special_tokens=False)["input_ids"] for c in candidates]
+        n_prompt = prompt_ids.shape[1]
+        usage = TokenUsage(prompt_tokens=int(n_prompt + sum(len(c) for c in cand_ids)))
+        with torch.inference_mode():
+            out = self.model(input_ids=prompt_ids, use_cache=True)
+            first_logits = out.logits[:, -1:, :]
+            cache = out.past_key_values
+            scores: list[float] = []
+            for i in range(0, len(cand_ids), self.rank_batch_size):
+                chunk = cand_ids[i : i + self.rank_batch_size]
+                scores += self._score_chunk(prompt_ids, first_logits, cache, chunk)
+        return scores, usage
+
+    def _score_chunk(
+        self, prompt_ids: Any, first_logits: Any, cache: Any, chunk: list[list[int]]
+    ) -> list[float]:
+        import torch
+
+        n, n_prompt = len(chunk), prompt_ids.shape[1]
+        width = max(len(c) for c in chunk)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        ids = torch.full((n, width), pad, dtype=torch.long, device=self.device)
+        mask = torch.zeros((n, width), dtype=torch.long, device=self.device)
+        for j, c in enumerate(chunk):
+            ids[j, : len(c)] = torch.tensor(c, device=self.device)
+            mask[j, : len(c)] = 1
+        try:
+            # The prompt's KV cache, copied once per chunk and repeated across its candidates.
+            past = copy.deepcopy(cache)
+            past.batch_repeat_interleave(n)
+            attn = torch.cat([torch.ones((n, n_prompt), dtype=torch.long, device=self.device), mask], dim=1)
+            pos = torch.arange(n_prompt, n_prompt + width, device=self.device).unsqueeze(0).expand(n, -1)
+            out = self.model(input_ids=ids, attention_mask=attn, past_key_values=past, position_ids=pos)
+            logits = torch.cat([first_logits.expand(n, -1, -1), out.logits[:, :-1, :]], dim=1)
+        except (AttributeError, NotImplementedError, TypeError) as e:
+            # Caches that cannot be copied/repeated: score prompt + candidate in full instead.
+            log.debug("shared-prompt scoring unavailable (%s); scoring full sequences", e)
+            full = torch.cat([prompt_ids.expand(n, -1), ids], dim=1)
+            attn = torch.cat([torch.ones((n, n_prompt), dtype=torch.long, device=self.device), mask], dim=1)
+            logits = self.model(input_ids=full, attention_mask=attn).logits[:, n_prompt - 1 : -1, :]
+        # Upcast one chunk at a time: never a float32 copy of every candidate's logits at once.
+        logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+        logp = logp * mask
+        total = logp.sum(dim=1)
+        if self.rank_reduction == "mean":
+            total = total / mask.sum(dim=1).clamp(min=1)
+        return [float(x) for x in total]

@@ -1,0 +1,65 @@
+"""The environment oracle: replays the gold actions of the episode (a privileged teacher)."""
+
+from __future__ import annotations
+
+from evolve.agents.base import Decision
+from evolve.agents.policies.prompting import fallback_command, normalise
+from evolve.schema import Action, ActionSource, MemoryContext, Observation, Privileged, Step, Task
+
+
+class OraclePolicy:
+    """Follows ``privileged.gold_actions`` in order.
+
+    When the env diverges (the next gold action is not admissible while an admissible list
+    exists), later gold actions that are admissible are tried in order; when none is, the first
+    admissible action is taken. Gold actions carry ``source=oracle``; the divergence fallback
+    carries ``source=fallback`` so that training data built from oracle steps never learns from
+    it. Matching ignores case and spacing, and the env's own spelling is returned.
+    """
+
+    needs_privileged = True
+
+    def __init__(self, name: str = "oracle") -> None:
+        self.name = name
+        self._gold: list[str] = []
+        self._next = 0
+
+    def reset(self, task: Task, privileged: Privileged | None = None) -> None:
+        self._gold = list(privileged.gold_actions) if privileged is not None else []
+        self._next = 0
+
+    @property
+    def remaining(self) -> list[str]:
+        """Gold actions not yet taken."""
+        return self._gold[self._next :]
+
+    def act(self, obs: Observation, history: list[Step], memory: MemoryContext) -> Decision:
+        admissible = obs.admissible_actions
+        if not admissible:
+            # No list to check against: trust the gold path.
+            if self._next < len(self._gold):
+                gold = self._gold[self._next]
+                self._next += 1
+                return Decision(action=Action(text=gold, source=ActionSource.oracle))
+            return Decision(action=self._fallback(admissible, "gold path exhausted"))
+        by_norm: dict[str, str] = {}
+        for a in admissible:
+            by_norm.setdefault(normalise(a), a)
+        for j in range(self._next, len(self._gold)):
+            hit = by_norm.get(normalise(self._gold[j]))
+            if hit is not None:
+                skipped = j - self._next
+                self._next = j + 1
+                thought = f"skipped {skipped} gold action(s) not admissible here" if skipped else ""
+                return Decision(action=Action(text=hit, thought=thought, source=ActionSource.oracle))
+        why = (
+            "gold path exhausted"
+            if self._next >= len(self._gold)
+            else "no remaining gold action is admissible"
+        )
+        return Decision(action=self._fallback(admissible, why))
+
+    @staticmethod
+    def _fallback(admissible: list[str] | None, why: str) -> Action:
+        text = admissible[0] if admissible else fallback_command(admissible)
+        return Action(text=text, thought=f"oracle fallback: {why}", source=ActionSource.fallback)

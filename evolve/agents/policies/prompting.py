@@ -1,0 +1,369 @@
+"""The prompt layout shared by LLM policies, and the parsing of their answers.
+
+Layout (a list of chat dicts)::
+
+    [system]    instructions + action format                      <- never changes
+    [user]      task goal + first observation (+ one-line summary of dropped turns)
+    [assistant] command 1
+    [user]      observation after command 1
+    ...                                                            <- grows turn by turn
+    [assistant] command t
+    [user]      observation after command t
+                + state line + memory block + admissible actions   <- the only part that changes
+
+Everything before the last user message is identical from one step to the next, so an
+inference server's prompt (KV) cache is reused across the whole episode. The last user message
+even starts with the same text its plain history form will have at the next step. Old turns
+are dropped only when the history gets long, and then in chunks, so the prefix stays stable for
+many steps after each cut.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from evolve.schema import EnvState, MemoryContext, Observation, Step
+
+ActionFormat = Literal["json", "command"]
+
+SYSTEM_INSTRUCTIONS = (
+    "You are an agent acting in a text environment to complete a task. "
+    "Each turn you see the latest observation and choose exactly one command to execute next. "
+    "Prefer commands that make progress toward the goal; do not repeat commands that had no effect. "
+    "Follow the rules learned from past failures, and use the listed skills when they apply."
+)
+JSON_FORMAT = (
+    'Answer with one JSON object and nothing else: {"thought": "<one short sentence>", '
+    '"command": "<the command>"}. When admissible actions are listed, "command" must be '
+    "exactly one of them."
+)
+COMMAND_FORMAT = (
+    "Answer with the command only, exactly as written in the list of admissible actions, with no explanation."
+)
+
+_WORD = re.compile(r"[a-z0-9]+")
+# Words that carry no signal when ranking actions against the goal / observation.
+_STOPWORDS = frozenset(
+    {"a", "an", "the", "to", "of", "in", "on", "at", "and", "or", "is", "are", "be", "you", "your"}
+    | {"it", "its", "this", "that", "with", "for", "from", "into", "onto", "there", "here"}
+)
+
+
+@dataclass(frozen=True)
+class PromptOptions:
+    """Knobs of the layout. The defaults fit a 4-8k-token context."""
+
+    max_turns: int = 30
+    """Turns (command + observation) kept verbatim before older ones are summarised."""
+    max_history_chars: int = 12_000
+    """Character budget of the verbatim history; exceeding it also triggers a cut."""
+    max_obs_chars: int = 1_500
+    """Each past observation is clipped to this many characters."""
+    max_current_obs_chars: int = 4_000
+    max_actions: int = 60
+    """Admissible actions shown in the prompt; a longer list is ranked and cut (any stays allowed)."""
+    action_format: ActionFormat = "json"
+
+
+def words(text: str) -> set[str]:
+    """Lower-cased content words of a text."""
+    return {w for w in _WORD.findall(text.lower()) if w not in _STOPWORDS}
+
+
+def _content_words(text: str) -> list[str]:
+    return [w for w in _WORD.findall(text.lower()) if w not in _STOPWORDS]
+
+
+def clip(text: str, limit: int) -> str:
+    text = text.strip()
+    if len(text) <= limit:
+        return text
+    return text[: max(0, limit - 15)].rstrip() + " ...[clipped]"
+
+
+def select_actions(
+    actions: Sequence[str],
+    *contexts: str,
+    cap: int = 60,
+    recent: Sequence[str] = (),
+) -> list[str]:
+    """At most ``cap`` admissible actions, those sharing words with the contexts first.
+
+    A short list comes back unchanged (its order may carry meaning). A long one (ScienceWorld's
+    ~400) is ranked by word overlap with the goal / observation / skills, ties broken by the
+    original order; actions just taken are ranked down slightly to discourage loops.
+    """
+    unique = list(dict.fromkeys(actions))
+    if len(unique) <= cap:
+        return unique
+    ctx: set[str] = set()
+    for c in contexts:
+        ctx |= words(c)
+    recent_set = {r.strip().lower() for r in recent}
+
+    def score(item: tuple[int, str]) -> tuple[float, int]:
+        i, a = item
+        aw = words(a)
+        overlap = len(aw & ctx) / (1 + 0.1 * len(aw))
+        if a.strip().lower() in recent_set:
+            overlap -= 0.5
+        return (-overlap, i)
+
+    ranked = sorted(enumerate(unique), key=score)
+    return [a for _, a in ranked[:cap]]
+
+
+def state_line(state: EnvState) -> str:
+    """One compact line: location, inventory, score."""
+    parts: list[str] = []
+    if state.location:
+        parts.append(f"location: {state.location}")
+    inv = ", ".join(state.inventory) if state.inventory else "nothing"
+    parts.append(f"inventory: {clip(inv, 300)}")
+    score = f"score: {state.score:g}"
+    if state.max_score:
+        score += f" of {state.max_score:g}"
+    parts.append(score)
+    if state.moves:
+        parts.append(f"moves: {state.moves}")
+    return "; ".join(parts)
+
+
+def _plain(text: str, limit: int) -> str:
+    return clip(text, limit) or "(no output)"
+
+
+def system_message(action_format: ActionFormat = "json") -> dict[str, str]:
+    fmt = JSON_FORMAT if action_format == "json" else COMMAND_FORMAT
+    return {"role": "system", "content": f"{SYSTEM_INSTRUCTIONS}\n\n{fmt}"}
+
+
+def _history_start(history: Sequence[Step], opts: PromptOptions) -> int:
+    """Index of the first step kept verbatim; moves in chunks so the prefix stays cache-stable."""
+    n = len(history)
+    sizes = [len(s.action.text) + min(len(s.post_state.text), opts.max_obs_chars) + 20 for s in history]
+    if n <= opts.max_turns and sum(sizes) <= opts.max_history_chars:
+        return 0
+    chunk = max(1, opts.max_turns // 2)
+    start = 0
+    while start < n - 1 and (n - start > opts.max_turns or sum(sizes[start:]) > opts.max_history_chars):
+        start += chunk
+    return min(start, n - 1)
+
+
+def summarise_steps(steps: Sequence[Step], limit: int = 400) -> str:
+    """One line standing for dropped turns: their commands (newest kept) and the score reached."""
+    if not steps:
+        return ""
+    cmds = [s.action.text for s in steps]
+    text = " > ".join(cmds)
+    if len(text) > limit:
+        # Keep the most recent commands: they explain the state the verbatim history starts in.
+        tail: list[str] = []
+        for c in reversed(cmds):
+            if len(" > ".join([*tail, c])) > limit - 10:
+                break
+            tail.insert(0, c)
+        text = "... > " + " > ".join(tail)
+    last = steps[-1].post_state.state
+    return f"Earlier steps 1-{len(steps)} (summarised): {text}. Score then: {last.score:g}."
+
+
+def build_messages(
+    goal: str,
+    obs: Observation,
+    history: Sequence[Step],
+    memory: MemoryContext | None = None,
+    options: PromptOptions | None = None,
+) -> list[dict[str, str]]:
+    """The chat messages for one step (see the module docstring for the layout)."""
+    opts = options or PromptOptions()
+    goal = goal or obs.goal
+    first_obs = history[0].pre_state.text if history else obs.text
+    start = _history_start(history, opts)
+
+    # At step 0 the first observation is the current one: show it unclipped (up to the larger cap).
+    first_cap = opts.max_obs_chars if history else opts.max_current_obs_chars
+    head = f"Task: {goal.strip() or '(no goal given)'}\n\nObservation: {clip(first_obs, first_cap)}"
+    if start:
+        head += "\n\n" + summarise_steps(history[:start])
+    messages: list[dict[str, str]] = [system_message(opts.action_format), {"role": "user", "content": head}]
+    for step in history[start:]:
+        messages.append({"role": "assistant", "content": step.action.text})
+        messages.append({"role": "user", "content": _plain(step.post_state.text, opts.max_obs_chars)})
+
+    # The per-step block replaces the last user message, starting with the same text (the
+    # observation), so that at the token level it extends what the next prompt will hold.
+    last = messages.pop()["content"]
+    if not history:
+        current = last
+    elif history[-1].post_state.text.strip() == obs.text.strip():
+        current = _plain(obs.text, opts.max_current_obs_chars)
+    else:  # the caller shows something else than the last step's result: keep both
+        current = last + "\n\n" + _plain(obs.text, opts.max_current_obs_chars)
+    block = [current, "", f"State: {state_line(obs.state)}"]
+    mem = memory.prompt_text() if memory is not None else ""
+    if mem:
+        block += ["", mem]
+    if obs.admissible_actions:
+        recent = [s.action.text for s in history[-3:]]
+        skill_text = " ".join(s.text() for s in memory.skills) if memory is not None else ""
+        shown = select_actions(
+            obs.admissible_actions, goal, obs.text, skill_text, cap=opts.max_actions, recent=recent
+        )
+        total = len(set(obs.admissible_actions))
+        title = "Admissible actions"
+        if len(shown) < total:
+            title += f" ({len(shown)} most relevant of {total}; any admissible command is accepted)"
+        block += ["", title + ":", "\n".join(f"- {a}" for a in shown)]
+    block += ["", JSON_FORMAT if opts.action_format == "json" else COMMAND_FORMAT]
+    messages.append({"role": "user", "content": "\n".join(block)})
+    return messages
+
+
+def repair_messages(messages: list[dict[str, str]], raw: str, problem: str) -> list[dict[str, str]]:
+    """The messages for the one retry after an invalid answer: the bad answer plus an error note."""
+    note = (
+        f"Your answer was not usable: {problem}. Answer again with only the JSON object "
+        '{"thought": "...", "command": "..."}, where "command" is one of the admissible actions.'
+    )
+    return [
+        *messages,
+        {"role": "assistant", "content": clip(raw, 500) or "(empty)"},
+        {"role": "user", "content": note},
+    ]
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def action_schema(admissible: Sequence[str] | None, enum_limit: int = 150) -> dict[str, Any]:
+    """JSON schema of an answer; ``command`` is an enum of the admissible set when that is small."""
+    command: dict[str, Any] = {"type": "string"}
+    if admissible and len(set(admissible)) <= enum_limit:
+        command["enum"] = list(dict.fromkeys(admissible))
+    return {
+        "type": "object",
+        "properties": {"thought": {"type": "string"}, "command": command},
+        "required": ["thought", "command"],
+        "additionalProperties": False,
+    }
+
+
+def extract_json_object(text: str) -> dict[str, Any] | None:
+    """The first JSON object in a text (code fences and chatter around it are ignored)."""
+    decoder = json.JSONDecoder()
+    for m in re.finditer(r"\{", text):
+        try:
+            obj, _ = decoder.raw_decode(text, m.start())
+        except json.JSONDecodeError:
+            continue
+        if isinstance(obj, dict):
+            return obj
+    return None
+
+
+def normalise(text: str) -> str:
+    text = text.strip().strip("\"'`").strip()
+    text = re.sub(r"\s+", " ", text.lower())
+    return text.rstrip(".!;:,")
+
+
+def match_action(command: str, admissible: Sequence[str], threshold: float = 0.6) -> str | None:
+    """The admissible action meant by ``command``: exact, then normalised, then the closest above threshold.
+
+    Closeness mixes difflib's ratio with word overlap, so 'take the apple' finds 'take apple'
+    and 'put apple into fridge' finds 'put apple in fridge'.
+    """
+    if not admissible or not command.strip():
+        return None
+    if command in admissible:
+        return command
+    norm = normalise(command)
+    by_norm: dict[str, str] = {}
+    for a in admissible:
+        by_norm.setdefault(normalise(a), a)
+    if norm in by_norm:
+        return by_norm[norm]
+    cw = words(norm)
+    best, best_score = None, 0.0
+    for key, a in by_norm.items():
+        ratio = difflib.SequenceMatcher(None, norm, key).ratio()
+        aw = words(key)
+        jacc = len(cw & aw) / len(cw | aw) if (cw or aw) else 0.0
+        s = max(ratio, 0.5 * ratio + 0.5 * jacc)
+        if s > best_score:
+            best, best_score = a, s
+    return best if best_score >= threshold else None
+
+
+@dataclass
+class ParsedAnswer:
+    command: str | None
+    thought: str = ""
+    problem: str | None = None
+    """Why no usable command came out (None when ``command`` is set)."""
+
+
+def parse_answer(text: str, admissible: Sequence[str] | None, threshold: float = 0.6) -> ParsedAnswer:
+    """Turn a model's raw answer into an admissible command, repairing what can be repaired.
+
+    Order: a JSON object's ``command`` (or ``action``), else the first non-empty line as a bare
+    command, else an admissible action quoted verbatim in the text; each candidate is then
+    matched to the admissible set (:func:`match_action`). Without an admissible set any
+    non-empty command is accepted.
+    """
+    raw = text or ""
+    obj = extract_json_object(raw)
+    thought = ""
+    candidates: list[str] = []
+    if obj is not None:
+        thought = str(obj.get("thought") or obj.get("reasoning") or "")[:500]
+        cmd = obj.get("command", obj.get("action"))
+        if isinstance(cmd, str):
+            candidates.append(cmd)
+    else:
+        lines = [ln.strip() for ln in raw.strip().splitlines() if ln.strip()]
+        if lines:
+            first = re.sub(r"^(command|action|answer)\s*:\s*", "", lines[0], flags=re.I)
+            candidates.append(first.strip("`\"' "))
+    if not admissible:
+        for c in candidates:
+            if c.strip():
+                return ParsedAnswer(command=c.strip(), thought=thought)
+        return ParsedAnswer(command=None, thought=thought, problem="no command found in the answer")
+    for c in candidates:
+        hit = match_action(c, admissible, threshold)
+        if hit is not None:
+            return ParsedAnswer(command=hit, thought=thought)
+    # Last repair: an admissible action named in the text ("I will OPEN THE FRIDGE"): its content
+    # words appear in order and contiguously among the text's; the longest such action wins.
+    text_words = _content_words(raw)
+    for a in sorted(set(admissible), key=len, reverse=True):
+        aw = _content_words(a)
+        if aw and any(text_words[i : i + len(aw)] == aw for i in range(len(text_words) - len(aw) + 1)):
+            return ParsedAnswer(command=a, thought=thought)
+    if obj is None and not candidates:
+        problem = "empty answer"
+    elif obj is None:
+        problem = f"no JSON object and {clip(candidates[0], 80)!r} is not an admissible action"
+    elif not candidates:
+        problem = 'the JSON object has no "command" string'
+    else:
+        problem = f"{clip(candidates[0], 80)!r} is not an admissible action"
+    return ParsedAnswer(command=None, thought=thought, problem=problem)
+
+
+def fallback_command(admissible: Sequence[str] | None) -> str:
+    """A harmless action to take when the policy failed: 'look' if allowed, else the first admissible."""
+    if not admissible:
+        return "look"
+    for a in admissible:
+        if a.strip().lower() == "look":
+            return a
+    return admissible[0]

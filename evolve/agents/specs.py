@@ -1,0 +1,163 @@
+"""``PolicySpec``: a picklable description of a policy, and ``make_policy`` to build one from it.
+
+Worker processes receive the spec (never a live policy, which may hold a model or a client)
+and build their own policy with :func:`make_policy`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from evolve.agents.base import Policy
+from evolve.errors import ConfigError
+
+POLICY_KINDS: tuple[str, ...] = ("openai", "hf", "oracle", "random")
+
+
+class PolicySpec(BaseModel):
+    """Which policy to run and how. Fields not used by a kind are ignored by it."""
+
+    # hide_input_in_errors: a key pasted into the wrong field must not end up in a traceback.
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
+
+    kind: Literal["openai", "hf", "oracle", "random"]
+    name: str | None = None
+    # openai
+    model: str | None = None
+    base_url: str | None = None
+    api_key_env: str = "OPENAI_API_KEY"
+    """Name of the environment variable holding the key (the key itself never goes in a spec)."""
+    response_format: Literal["auto", "json_schema", "json_object", "none"] = "auto"
+    max_retries: int = Field(3, ge=0, le=20)
+    """Retries after the first attempt on 429 / 5xx / timeouts / connection errors, with backoff."""
+    timeout_s: float = Field(60.0, gt=0)
+    backoff_s: float = Field(0.5, ge=0)
+    cost_per_1k_prompt: float = Field(0.0, ge=0)
+    cost_per_1k_completion: float = Field(0.0, ge=0)
+    extra_body: dict[str, Any] = Field(default_factory=dict)
+    """Server-specific request fields, e.g. ``{"chat_template_kwargs": {"enable_thinking": false}}``."""
+    # shared by the LLM kinds
+    temperature: float = Field(0.0, ge=0, le=2)
+    max_tokens: int = Field(256, gt=0)
+    seed: int | None = None
+    max_actions: int = Field(60, gt=0)
+    """Admissible actions shown in the prompt (and ranked, for hf rank mode)."""
+    max_turns: int = Field(30, gt=0)
+    """History turns kept verbatim before older ones are summarised."""
+    # hf
+    path: str | None = None
+    mode: Literal["generate", "rank"] = "generate"
+    device: str = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", validation_alias=AliasChoices("dtype", "torch_dtype")
+    )
+    rank_reduction: Literal["mean", "sum"] = "mean"
+    # random
+    avoid_noops: bool = False
+
+    @field_validator("kind", mode="before")
+    @classmethod
+    def _known_kind(cls, v: Any) -> Any:
+        if isinstance(v, str) and v.strip().lower() in POLICY_KINDS:
+            return v.strip().lower()
+        raise ValueError(f"unknown policy kind {v!r}; allowed kinds: {', '.join(POLICY_KINDS)}")
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _env_name(cls, v: str) -> str:
+        # Catch the classic mistake of pasting the key itself where its variable's name goes.
+        if v.startswith("sk-") or not v.replace("_", "").isalnum():
+            raise ValueError(
+                "api_key_env is the NAME of an environment variable (e.g. OPENAI_API_KEY), not a key"
+            )
+        return v
+
+    @model_validator(mode="after")
+    def _required_per_kind(self) -> PolicySpec:
+        if self.kind == "openai" and not self.model:
+            raise ValueError("policy kind 'openai' needs 'model' (the model name the endpoint serves)")
+        if self.kind == "hf" and not self.path:
+            raise ValueError("policy kind 'hf' needs 'path' (a local model directory)")
+        return self
+
+    @classmethod
+    def parse(cls, spec: PolicySpec | dict[str, Any]) -> PolicySpec:
+        """Validate a spec, turning pydantic's report into a one-line :class:`ConfigError`."""
+        if isinstance(spec, PolicySpec):
+            return spec
+        if not isinstance(spec, dict):
+            raise ConfigError(f"a policy spec must be a mapping, got {type(spec).__name__}")
+        try:
+            return cls.model_validate(spec)
+        except ValidationError as e:
+            raise ConfigError("invalid policy spec: " + _one_line(e)) from None
+
+
+def _one_line(e: ValidationError) -> str:
+    parts = []
+    for err in e.errors():
+        loc = ".".join(str(x) for x in err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    return "; ".join(parts)
+
+
+def make_policy(spec: PolicySpec | dict[str, Any]) -> Policy:
+    """Build the policy a spec describes (heavy libraries are imported only for their kind)."""
+    s = PolicySpec.parse(spec)
+    if s.kind == "oracle":
+        from evolve.agents.policies.oracle import OraclePolicy
+
+        return OraclePolicy(name=s.name or "oracle")
+    if s.kind == "random":
+        from evolve.agents.policies.random_policy import RandomPolicy
+
+        return RandomPolicy(seed=s.seed or 0, avoid_noops=s.avoid_noops, name=s.name or "random")
+    from evolve.agents.policies.prompting import PromptOptions
+
+    if s.kind == "openai":
+        from evolve.agents.policies.openai_policy import OpenAIPolicy
+
+        return OpenAIPolicy(
+            s.model or "",
+            base_url=s.base_url,
+            api_key_env=s.api_key_env,
+            temperature=s.temperature,
+            max_tokens=s.max_tokens,
+            seed=s.seed,
+            response_format=s.response_format,
+            max_retries=s.max_retries,
+            timeout_s=s.timeout_s,
+            backoff_s=s.backoff_s,
+            cost_per_1k_prompt=s.cost_per_1k_prompt,
+            cost_per_1k_completion=s.cost_per_1k_completion,
+            extra_body=dict(s.extra_body),
+            prompt=PromptOptions(max_actions=s.max_actions, max_turns=s.max_turns),
+            name=s.name,
+        )
+    from evolve.agents.policies.hf_policy import HFPolicy
+
+    fmt = "command" if s.mode == "rank" else "json"
+    return HFPolicy(
+        s.path or "",
+        mode=s.mode,
+        device=s.device,
+        dtype=s.dtype,
+        temperature=s.temperature,
+        max_tokens=s.max_tokens,
+        seed=s.seed,
+        rank_reduction=s.rank_reduction,
+        max_candidates=s.max_actions,
+        prompt=PromptOptions(max_actions=s.max_actions, max_turns=s.max_turns, action_format=fmt),
+        name=s.name,
+    )
