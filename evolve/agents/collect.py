@@ -1,0 +1,645 @@
+"""Collect episodes at scale: N episodes over a task split with K parallel workers.
+
+Each worker process builds ONE env and ONE policy (from picklable specs) and reuses them for all
+its episodes, so a ScienceWorld JVM or a loaded model is paid for once per worker. Workers only
+run episodes; the parent alone writes the store (DuckDB is single-writer), in batches, as
+episodes complete. Ray runs the same workers as actors when ``ray_address`` is given.
+
+Determinism: the task order is a shuffle seeded by ``seed``; the random policy seeds itself
+per (seed, task id), so which worker runs an episode does not change its actions.
+
+Retrieval logs: hooks that define ``pop_retrieval_logs() -> list[RetrievalLog]`` have it called
+after each episode; the logs travel back with the trajectory (an empty ``trajectory_id`` is
+filled in) and the parent writes them with ``store.log_retrievals``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import multiprocessing as mp
+import os
+import random
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from evolve.agents.base import AgentHooks, NoHooks
+from evolve.agents.graph import error_diagnosis, run_episode
+from evolve.agents.recorder import Recorder
+from evolve.agents.specs import PolicySpec, make_policy
+from evolve.envs import make_env
+from evolve.envs.base import Env
+from evolve.errors import ConfigError, EnvCrashed, EvolveError
+from evolve.schema import FailureCause, Outcome, RetrievalLog, Split, Task, Trajectory, new_id
+from evolve.stores import ExperienceStore
+
+log = logging.getLogger(__name__)
+
+RAY_MISSING = "ray is not installed; install it with: pip install 'evolve-agents[ray]'"
+
+
+class EnvSpec(BaseModel):
+    """Which env to build and with which adapter keyword arguments (picklable, YAML-friendly)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, spec: EnvSpec | str | dict[str, Any]) -> EnvSpec:
+        """``"textworld"``, ``{"name": ..., "kwargs": {...}}`` or ``{"name": ..., **kwargs}``."""
+        if isinstance(spec, EnvSpec):
+            return spec
+        if isinstance(spec, str):
+            return cls(name=spec)
+        if not isinstance(spec, dict) or "name" not in spec:
+            raise ConfigError(f"an env spec is a name or a mapping with 'name', got {spec!r}")
+        if "kwargs" not in spec:
+            spec = {"name": spec["name"], "kwargs": {k: v for k, v in spec.items() if k != "name"}}
+        try:
+            return cls.model_validate(spec)
+        except ValidationError as e:
+            raise ConfigError(f"invalid env spec: {e.errors()[0]['msg']}") from None
+
+    def make(self) -> Env:
+        """Build the env: a registered name, or ``"package.module:Factory"`` for an unregistered one
+        (what worker processes can import even when the parent registered nothing)."""
+        if ":" in self.name:
+            module, _, attr = self.name.partition(":")
+            try:
+                factory = getattr(importlib.import_module(module), attr)
+            except (ImportError, AttributeError) as e:
+                raise ConfigError(f"env {self.name!r} cannot be imported: {e}") from None
+            return factory(**self.kwargs)
+        return make_env(self.name, **self.kwargs)
+
+
+@dataclass(frozen=True)
+class EpisodeJob:
+    """One planned episode: its position in the plan, its task and its seed."""
+
+    index: int
+    task: Task | str
+    seed: int
+
+    @property
+    def task_id(self) -> str:
+        return self.task.id if isinstance(self.task, Task) else self.task
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.task_id, self.seed)
+
+
+def plan_episodes(
+    tasks: Sequence[Task | str],
+    n_episodes: int | None,
+    seed: int,
+    skip_done: Iterable[tuple[str, int | None]] = (),
+) -> list[EpisodeJob]:
+    """The episodes to run: a seeded shuffle of ``tasks``, cycled (seed + 1 per lap) to reach
+    ``n_episodes`` (default: each task once), minus the ``(task_id, seed)`` pairs already done."""
+    if not tasks:
+        return []
+    order = list(tasks)
+    random.Random(seed).shuffle(order)
+    n = len(order) if n_episodes is None else n_episodes
+    done = set(skip_done)
+    jobs = []
+    for i in range(n):
+        job = EpisodeJob(index=i, task=order[i % len(order)], seed=seed + i // len(order))
+        if job.key not in done:
+            jobs.append(job)
+    return jobs
+
+
+def done_episodes(
+    store: ExperienceStore,
+    namespace: str | None = None,
+    *,
+    run_id: str | None = None,
+    env: str | None = None,
+    include_errors: bool = False,
+) -> set[tuple[str, int | None]]:
+    """``(task_id, seed)`` of the episodes already in ``store``: the ``skip_done`` of a resumed run.
+
+    Episodes that ended in ``error`` are left out (so a resume retries them) unless asked.
+    """
+    where, params = ["namespace = ?"], [namespace or store.namespace]
+    for col, val in (("run_id", run_id), ("env", env)):
+        if val is not None:
+            where.append(f"{col} = ?")
+            params.append(val)
+    if not include_errors:
+        where.append("outcome <> 'error'")
+    rows = store.conn.execute(f"SELECT task_id, seed FROM trajectories WHERE {' AND '.join(where)}", params)
+    return {(r[0], r[1]) for r in rows.fetchall()}
+
+
+# --------------------------------------------------------------------------- workers
+
+
+def _error_trajectory(job: EpisodeJob, env_name: str, message: str, run_kw: dict[str, Any]) -> Trajectory:
+    task = job.task if isinstance(job.task, Task) else None
+    return Trajectory(
+        namespace=run_kw.get("namespace", "default"),
+        run_id=run_kw.get("run_id"),
+        task_id=job.task_id,
+        env=env_name,
+        split=task.split if task else Split.train,
+        goal=task.goal if task else "",
+        arm=run_kw.get("arm", ""),
+        outcome=Outcome.error,
+        seed=job.seed,
+        metadata={"error": message, "max_steps": run_kw.get("max_steps")},
+        diagnosis=error_diagnosis(
+            message,
+            FailureCause.policy_error if message.startswith("PolicyError") else FailureCause.env_error,
+        ),
+    )
+
+
+class EpisodeWorker:
+    """Owns one env, one policy and one hooks object, and runs episodes with them.
+
+    Used in-process (workers=1), in each pool process, and as a Ray actor.
+    """
+
+    def __init__(
+        self,
+        env_spec: EnvSpec,
+        policy_spec: PolicySpec,
+        hooks_factory: Callable[[], AgentHooks] | None,
+        run_kw: dict[str, Any],
+        env: Env | None = None,
+    ) -> None:
+        self.env_spec = env_spec
+        self.env = env if env is not None else env_spec.make()
+        self.policy = make_policy(policy_spec)
+        self.hooks = hooks_factory() if hooks_factory is not None else NoHooks()
+        self.run_kw = run_kw
+        self.restarts = 0
+        # The policy's own seed; a later lap over the tasks shifts it so repeats differ.
+        self._base_policy_seed = getattr(self.policy, "seed", None)
+        self._base_seed = int(run_kw.get("seed", 0))
+
+    def tasks(self, split: str) -> list[Task]:
+        return self.env.tasks(split)
+
+    def restart_env(self) -> None:
+        """Replace a crashed env with a fresh one (a new JVM / game process)."""
+        try:
+            self.env.close()
+        except Exception:  # noqa: BLE001 - the old engine is broken; closing it is best effort
+            pass
+        self.env = self.env_spec.make()
+        self.restarts += 1
+
+    def run(self, job: EpisodeJob) -> tuple[int, Trajectory, list[RetrievalLog]]:
+        """Run one episode; every failure comes back as a trajectory with ``outcome=error``."""
+        if self._base_policy_seed is not None:
+            self.policy.seed = self._base_policy_seed + (job.seed - self._base_seed)  # type: ignore[attr-defined]
+        t = time.perf_counter()
+        try:
+            traj = run_episode(
+                self.env,
+                self.policy,
+                job.task,
+                hooks=self.hooks,
+                max_steps=self.run_kw["max_steps"],
+                arm=self.run_kw.get("arm", ""),
+                namespace=self.run_kw.get("namespace", "default"),
+                run_id=self.run_kw.get("run_id"),
+                seed=job.seed,
+            )
+        except Exception as e:  # noqa: BLE001 - one bad episode must not stop the run
+            log.warning("episode %s failed: %s", job.task_id, e)
+            crashed = isinstance(e, EnvCrashed) or not isinstance(e, EvolveError)
+            kind = "EnvCrashed" if isinstance(e, EnvCrashed) else type(e).__name__
+            traj = _error_trajectory(job, self.env.name, f"{kind}: {e}", self.run_kw)
+            traj.policy = getattr(self.policy, "name", "")
+            if crashed:
+                self.restart_env()
+        else:
+            if traj.outcome == Outcome.error and str(traj.metadata.get("error", "")).startswith("EnvCrashed"):
+                self.restart_env()
+        traj.metadata["wall_s"] = round(time.perf_counter() - t, 4)
+        logs: list[RetrievalLog] = []
+        pop = getattr(self.hooks, "pop_retrieval_logs", None)
+        if callable(pop):
+            # Hooks learn the trajectory id only at the end; fill it in where they left it empty.
+            logs = [
+                r if r.trajectory_id else r.model_copy(update={"trajectory_id": traj.id}) for r in pop() or []
+            ]
+        return job.index, traj, logs
+
+    def close(self) -> None:
+        self.env.close()
+
+
+# The worker of a pool process: built on its first job, reused for every later one.
+_WORKER: EpisodeWorker | None = None
+
+
+def _pool_worker(args: tuple[Any, ...]) -> EpisodeWorker:
+    global _WORKER
+    if _WORKER is None:
+        parent = args[3].get("parent_pid")
+        if parent:
+            threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
+        _WORKER = EpisodeWorker(*args)
+    return _WORKER
+
+
+def _exit_with_parent(parent_pid: int, every_s: float = 2.0) -> None:
+    """Pool workers wait forever for work if the collecting process is killed: leave with it."""
+    while True:
+        time.sleep(every_s)
+        try:
+            os.kill(parent_pid, 0)
+        except ProcessLookupError:
+            worker = _WORKER
+            try:
+                if worker is not None:
+                    worker.close()  # stop a JVM / game process of our own
+            finally:
+                os._exit(1)
+        except PermissionError:
+            pass  # alive, owned by someone else
+
+
+def _pool_tasks(args: tuple[Any, ...], split: str) -> list[Task]:
+    return _pool_worker(args).tasks(split)
+
+
+def _pool_run(args: tuple[Any, ...], job: EpisodeJob) -> tuple[int, Trajectory, list[RetrievalLog]]:
+    return _pool_worker(args).run(job)
+
+
+def _mp_context(preload: Sequence[str] = ()) -> Any:
+    """forkserver (else spawn): never fork, or a child would inherit the parent's DuckDB handle,
+    JVM sockets and threads. The fork server imports ``preload`` once and forks workers from it,
+    so K workers do not pay K times for importing LangGraph and the benchmark."""
+    if "forkserver" not in mp.get_all_start_methods():
+        return mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["evolve.agents.collect", *preload])
+    return ctx
+
+
+def _preload_modules(env_spec: EnvSpec) -> list[str]:
+    """The adapter module of a registered env and the benchmark package it wraps, when known."""
+    from evolve.envs import env_factory
+
+    if ":" in env_spec.name:
+        return [env_spec.name.partition(":")[0]]
+    try:
+        factory = env_factory(env_spec.name)
+    except EvolveError:
+        return []
+    module = getattr(factory, "__module__", "") or ""
+    heavy = {"evolve.envs.textworld_env": "textworld", "evolve.envs.scienceworld_env": "scienceworld"}
+    return [m for m in (module, heavy.get(module)) if m]
+
+
+class SetupError(EvolveError):
+    """A worker could not build its env, policy or hooks: nothing can run."""
+
+
+# --------------------------------------------------------------------------- progress
+
+
+class _Progress:
+    """A rich progress bar: episodes done, success so far, steps/s (a no-op when disabled)."""
+
+    def __init__(self, enabled: bool, total: int, label: str) -> None:
+        self.enabled = enabled
+        self.total = total
+        self.done = self.success = self.errors = self.steps = 0
+        self.t0 = time.perf_counter()
+        self._bar: Any = None
+        if enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self._bar = Progress(
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("success {task.fields[success]}"),
+                TextColumn("{task.fields[rate]} steps/s"),
+                TextColumn("{task.fields[errors]}"),
+                TimeElapsedColumn(),
+            )
+            self._task = self._bar.add_task(label, total=total, success="-", rate="-", errors="")
+
+    def __enter__(self) -> _Progress:
+        if self._bar is not None:
+            self._bar.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+    def update(self, traj: Trajectory) -> None:
+        self.done += 1
+        self.success += traj.outcome == Outcome.success
+        self.errors += traj.outcome == Outcome.error
+        self.steps += len(traj.steps)
+        if self._bar is None:
+            return
+        rate = self.steps / max(time.perf_counter() - self.t0, 1e-9)
+        self._bar.update(
+            self._task,
+            advance=1,
+            success=f"{self.success}/{self.done} ({100 * self.success / self.done:.0f}%)",
+            rate=f"{rate:.1f}",
+            errors=f"[red]{self.errors} errors" if self.errors else "",
+        )
+
+
+# --------------------------------------------------------------------------- collect
+
+
+def collect(
+    env: EnvSpec | str | dict[str, Any],
+    policy: PolicySpec | dict[str, Any],
+    *,
+    split: Split | str = Split.train,
+    n_episodes: int | None = None,
+    tasks: Sequence[Task | str] | None = None,
+    workers: int = 1,
+    store: ExperienceStore | str | Path | None = None,
+    namespace: str = "default",
+    run_id: str | None = None,
+    max_steps: int = 50,
+    hooks_factory: Callable[[], AgentHooks] | None = None,
+    arm: str = "",
+    seed: int = 0,
+    ray_address: str | None = None,
+    progress: bool = True,
+    skip_done: Iterable[tuple[str, int | None]] = (),
+    batch_size: int = 64,
+) -> list[Trajectory]:
+    """Run episodes over a task split and return their trajectories, in plan order.
+
+    ``tasks`` (default: every task of ``split``) are shuffled with ``seed`` and cycled to
+    ``n_episodes`` (default: each once); ``skip_done`` pairs ``(task_id, seed)`` are skipped (see
+    :func:`done_episodes`). ``workers`` processes (or Ray actors when ``ray_address`` is given) each
+    build one env and one policy; ``hooks_factory`` is a picklable zero-arg callable run in each
+    worker. With ``store`` (a store or a path) trajectories are written in batches as they complete.
+    """
+    env_spec = EnvSpec.parse(env)
+    policy_spec = PolicySpec.parse(policy)
+    if policy_spec.seed is None and policy_spec.kind in ("random", "hf"):
+        policy_spec = policy_spec.model_copy(update={"seed": seed})
+    if workers < 1:
+        raise ConfigError(f"workers must be >= 1, got {workers}")
+    if max_steps < 1:
+        raise ConfigError(f"max_steps must be >= 1, got {max_steps}")
+    if ray_address is not None:
+        try:
+            import ray  # noqa: F401
+        except ImportError:
+            raise ConfigError(RAY_MISSING) from None
+    run_id = run_id or new_id("run")
+    run_kw = {
+        "max_steps": max_steps,
+        "arm": arm,
+        "namespace": namespace,
+        "run_id": run_id,
+        "seed": seed,
+        "parent_pid": os.getpid(),
+    }
+    split = Split(split)
+    label = f"{env_spec.name}/{split.value} {policy_spec.name or policy_spec.kind}"
+    recorder = Recorder(store, namespace, run_id, batch_size) if store is not None else None
+    results: dict[int, Trajectory] = {}
+    try:
+        if ray_address is not None:
+            runner = _run_ray(env_spec, policy_spec, hooks_factory, run_kw, workers, ray_address)
+        elif workers == 1:
+            runner = _run_local(env_spec, policy_spec, hooks_factory, run_kw)
+        else:
+            runner = _run_pool(env_spec, policy_spec, hooks_factory, run_kw, workers)
+        with runner as r:
+            all_tasks = list(tasks) if tasks is not None else r.tasks(split.value)
+            jobs = plan_episodes(all_tasks, n_episodes, seed, skip_done)
+            with _Progress(progress, len(jobs), label) as bar:
+                for index, traj, logs in r.run(jobs):
+                    results[index] = traj
+                    if recorder is not None:
+                        recorder.add(traj, logs)
+                    bar.update(traj)
+    except BaseException as e:
+        if recorder is not None:
+            recorder.close(error=e)  # what finished is written before the error propagates
+        raise
+    if recorder is not None:
+        recorder.close()
+    return [results[i] for i in sorted(results)]
+
+
+class _LocalRunner:
+    """workers=1: one worker in this process (no pickling, no extra interpreter)."""
+
+    def __init__(self, worker_args: tuple[Any, ...]) -> None:
+        self.args = worker_args
+        self.worker: EpisodeWorker | None = None
+
+    def __enter__(self) -> _LocalRunner:
+        try:
+            self.worker = EpisodeWorker(*self.args)
+        except EvolveError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise SetupError(f"could not build the worker: {type(e).__name__}: {e}") from e
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.worker is not None:
+            self.worker.close()
+
+    def tasks(self, split: str) -> list[Task]:
+        assert self.worker is not None
+        return self.worker.tasks(split)
+
+    def run(self, jobs: list[EpisodeJob]) -> Iterator[tuple[int, Trajectory, list[RetrievalLog]]]:
+        assert self.worker is not None
+        for job in jobs:
+            yield self.worker.run(job)
+
+
+def _run_local(env_spec: EnvSpec, policy_spec: PolicySpec, hooks_factory: Any, run_kw: dict) -> _LocalRunner:
+    return _LocalRunner((env_spec, policy_spec, hooks_factory, run_kw))
+
+
+class _PoolRunner:
+    """K worker processes, fed so that at most 2K episodes are in flight.
+
+    A worker process that dies (a segfault in a game engine, the OOM killer) breaks the pool: the
+    pool is rebuilt and the episodes it held are retried one at a time, so the one that kills its
+    worker again is recorded as an error instead of taking innocent episodes down with it.
+    """
+
+    def __init__(self, worker_args: tuple[Any, ...], workers: int) -> None:
+        self.args = worker_args
+        self.workers = workers
+        self.pool: ProcessPoolExecutor | None = None
+        self.pool_restarts = 0
+
+    def _start(self) -> None:
+        ctx = _mp_context(_preload_modules(self.args[0]))
+        self.pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=ctx)
+
+    def __enter__(self) -> _PoolRunner:
+        self._start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def _restart(self) -> None:
+        assert self.pool is not None
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.pool_restarts += 1
+        log.warning("a collect worker process died; restarting the pool (%d)", self.pool_restarts)
+        self._start()
+
+    @staticmethod
+    def _result(fut: Future) -> Any:
+        try:
+            return fut.result()
+        except (EvolveError, BrokenProcessPool):
+            raise
+        except Exception as e:  # noqa: BLE001 - a worker that cannot start stops the run
+            raise SetupError(f"a collect worker failed: {type(e).__name__}: {e}") from e
+
+    def tasks(self, split: str) -> list[Task]:
+        assert self.pool is not None
+        return self._result(self.pool.submit(_pool_tasks, self.args, split))
+
+    def run(self, jobs: list[EpisodeJob]) -> Iterator[tuple[int, Trajectory, list[RetrievalLog]]]:
+        queue: deque[EpisodeJob] = deque(jobs)
+        suspects: deque[EpisodeJob] = deque()  # in flight when a worker died
+        inflight: dict[Future, EpisodeJob] = {}
+        limit = 2 * self.workers
+        while queue or suspects or inflight:
+            assert self.pool is not None
+            if suspects and not inflight:
+                job = suspects.popleft()  # alone, so a second death names the culprit
+                inflight[self.pool.submit(_pool_run, self.args, job)] = job
+                isolated = True
+            else:
+                isolated = False
+                while queue and not suspects and len(inflight) < limit:
+                    job = queue.popleft()
+                    inflight[self.pool.submit(_pool_run, self.args, job)] = job
+            finished, _ = wait(list(inflight), return_when=FIRST_COMPLETED)
+            broken = False
+            for fut in finished:
+                try:
+                    result = self._result(fut)
+                except BrokenProcessPool:
+                    broken = True
+                    continue
+                del inflight[fut]
+                yield result
+            if not broken:
+                continue
+            # Every future of a broken pool fails; collect the ones that finished first.
+            wait(list(inflight))
+            lost = []
+            for fut, job in list(inflight.items()):
+                try:
+                    result = self._result(fut)
+                except BrokenProcessPool:
+                    lost.append(job)
+                    continue
+                yield result
+            inflight.clear()
+            self._restart()
+            if isolated:
+                job = lost[0]
+                msg = "WorkerDied: the worker process died twice running this episode"
+                traj = _error_trajectory(job, self.args[0].name, msg, self.args[3])
+                yield job.index, traj, []
+            else:
+                suspects.extend(sorted(lost, key=lambda j: j.index))
+
+
+def _run_pool(
+    env_spec: EnvSpec, policy_spec: PolicySpec, hooks_factory: Any, run_kw: dict, workers: int
+) -> _PoolRunner:
+    return _PoolRunner((env_spec, policy_spec, hooks_factory, run_kw), workers)
+
+
+class _RayRunner:
+    """K Ray actors, each an :class:`EpisodeWorker`, fed through ``ray.util.ActorPool``."""
+
+    def __init__(self, worker_args: tuple[Any, ...], workers: int, address: str) -> None:
+        self.args = worker_args
+        self.workers = workers
+        self.address = address
+        self.actors: list[Any] = []
+
+    def __enter__(self) -> _RayRunner:
+        import ray
+
+        if not ray.is_initialized():
+            ray.init(address=self.address)
+        actor_cls = ray.remote(EpisodeWorker)
+        self.actors = [actor_cls.remote(*self.args) for _ in range(self.workers)]
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        import ray
+
+        for a in self.actors:
+            try:
+                ray.get(a.close.remote())
+            except Exception:  # noqa: BLE001 - an actor that died has nothing to close
+                pass
+            ray.kill(a)
+
+    def tasks(self, split: str) -> list[Task]:
+        import ray
+
+        return ray.get(self.actors[0].tasks.remote(split))
+
+    def run(self, jobs: list[EpisodeJob]) -> Iterator[tuple[int, Trajectory, list[RetrievalLog]]]:
+        from ray.util import ActorPool
+
+        pool = ActorPool(self.actors)
+        yield from pool.map_unordered(lambda actor, job: actor.run.remote(job), jobs)
+
+
+def _run_ray(
+    env_spec: EnvSpec,
+    policy_spec: PolicySpec,
+    hooks_factory: Any,
+    run_kw: dict,
+    workers: int,
+    address: str,
+) -> _RayRunner:
+    return _RayRunner((env_spec, policy_spec, hooks_factory, run_kw), workers, address)
+
+
+def default_workers() -> int:
+    """A sensible worker count: the CPUs this process may use, at most 8."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:
+        n = os.cpu_count() or 1
+    return max(1, min(8, n))
