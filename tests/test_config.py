@@ -28,7 +28,10 @@ def _base() -> dict:
 @pytest.mark.parametrize(
     ("mutate", "expected"),
     [
-        (lambda d: d["stages"]["eval"].update(arms=["evolve", "magic"]), "stages.eval.arms: unknown arm(s) ['magic']"),
+        (
+            lambda d: d["stages"]["eval"].update(arms=["evolve", "magic"]),
+            "stages.eval.arms: unknown arm(s) ['magic']",
+        ),
         (lambda d: d["stages"]["collect"].update(policy="teachr"), "'teachr' is not a key of 'policies'"),
         (lambda d: d["stages"]["collect"].update(workerz=2), "stages.collect.workerz: unknown field"),
         (lambda d: d["policies"].update(gpt={"kind": "openai"}), "needs 'model'"),
