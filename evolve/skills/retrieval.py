@@ -1,0 +1,780 @@
+"""Retrieval with applicability: which skills and guardrails fit *this* state, and how well.
+
+Knowledge speaks in templated predicates (``in({obj1}, I)``, ``locked({obj2})``) and templated
+actions (``unlock {obj2} with {obj1}``). Applying it means *binding* slots to what the current
+state holds:
+
+* a skill's next step is bound by matching its template against the admissible actions; its
+  preconditions are then checked against the state's facts, unbound slots existentially;
+  applicability is the fraction of preconditions satisfied;
+* a guardrail's ``forbidden_action`` regex binds slots through named groups; it fires when its
+  whole trigger holds under that binding and its scope matches the task.
+
+Relevance combines goal grounding (does the bound action do what a pending sentence of the goal
+asks for, with the goal words learned for the skill) and dense + keyword similarity; reliability
+is the skill's usage confidence. The combined score has a cut-off, and every scored candidate can
+be logged as a :class:`~evolve.schema.RetrievalLog`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from evolve.diagnose import state_predicates
+from evolve.schema import (
+    EnvState,
+    Guardrail,
+    GuardrailScope,
+    GuardrailVerdict,
+    KnowledgeStatus,
+    Observation,
+    Skill,
+)
+from evolve.stores.embedders import Embedder
+from evolve.stores.keyword import BM25Index
+
+# --------------------------------------------------------------------------- predicates
+
+# Arguments every state shares (TextWorld's player and inventory): never generalised into slots.
+CONSTANT_ARGS = frozenset({"p", "i"})
+SLOT = re.compile(r"\{([a-z][a-z0-9_]*)\}")
+_PRED = re.compile(r"^\s*(not\s+)?([A-Za-z_][\w\-]*)\s*\((.*)\)\s*$", re.DOTALL)
+# Slots that stand for words (directions, verbs' objects that are no entity) and may only take
+# the values they were seen with; entity slots take any name the state offers.
+LEXICAL_PREFIX = "w"
+
+Pred = tuple[bool, str, tuple[str, ...]]
+
+
+def norm(text: str) -> str:
+    """Lower-case, single-spaced."""
+    return re.sub(r"\s+", " ", text.strip().lower())
+
+
+def parse_predicate(text: str) -> Pred | None:
+    """``"not at(P, {room})"`` -> ``(True, "at", ("p", "{room}"))``; None when it is no predicate."""
+    m = _PRED.match(text)
+    if not m:
+        return None
+    args = tuple(norm(a) for a in m.group(3).split(",")) if m.group(3).strip() else ()
+    return bool(m.group(1)), m.group(2).lower(), args
+
+
+def format_predicate(name: str, args: Sequence[str], negated: bool = False) -> str:
+    return ("not " if negated else "") + f"{name}({', '.join(args)})"
+
+
+class FactBase:
+    """The facts of one state, indexed by predicate name, for fast unification."""
+
+    def __init__(self, facts: Iterable[str]):
+        self.by_name: dict[str, list[tuple[str, ...]]] = defaultdict(list)
+        self.facts: set[tuple[str, tuple[str, ...]]] = set()
+        for f in facts:
+            p = parse_predicate(f)
+            if p is None or p[0]:
+                continue
+            key = (p[1], p[2])
+            if key not in self.facts:
+                self.facts.add(key)
+                self.by_name[p[1]].append(p[2])
+
+    @classmethod
+    def from_state(cls, state: EnvState) -> FactBase:
+        return cls(state_predicates(state))
+
+    def __len__(self) -> int:
+        return len(self.facts)
+
+
+def _unify(args: tuple[str, ...], fact: tuple[str, ...], binding: dict[str, str]) -> dict[str, str] | None:
+    if len(args) != len(fact):
+        return None
+    out = binding
+    for a, v in zip(args, fact):
+        m = SLOT.fullmatch(a)
+        if m is None:
+            if a != v:
+                return None
+            continue
+        slot = m.group(1)
+        bound = out.get(slot)
+        if bound is not None:
+            if bound != v:
+                return None
+            continue
+        # Two slots never name the same entity: a template with {obj1} and {obj2} means two things.
+        if v in out.values():
+            return None
+        if out is binding:
+            out = dict(binding)
+        out[slot] = v
+    return out
+
+
+def match_conditions(
+    conditions: Sequence[str],
+    facts: FactBase,
+    binding: dict[str, str] | None = None,
+    budget: int = 2000,
+) -> tuple[int, int, dict[str, str]]:
+    """Best existential match of templated predicates against ``facts``.
+
+    Returns ``(satisfied, total, binding)``: the largest number of conditions that hold together
+    under one extension of ``binding`` (a bounded depth-first search; ``budget`` caps the nodes
+    explored, after which the first option is taken greedily). Negated conditions hold when no
+    fact unifies with them. Conditions that do not parse count as unsatisfied.
+    """
+    binding = dict(binding or {})
+    parsed = [parse_predicate(c) for c in conditions]
+    total = len(parsed)
+    # Most-constrained first: conditions whose slots are already bound prune the search most.
+
+    def free(p: Pred) -> int:
+        return sum(1 for a in p[2] if (m := SLOT.fullmatch(a)) is not None and m.group(1) not in binding)
+
+    order = sorted((p for p in parsed if p is not None), key=lambda p: (p[0], free(p)))
+    nodes = [0]
+
+    def search(i: int, b: dict[str, str]) -> tuple[int, dict[str, str]]:
+        if i == len(order):
+            return 0, b
+        nodes[0] += 1
+        neg, name, args = order[i]
+        if neg:
+            hit = any(_unify(args, f, b) is not None for f in facts.by_name.get(name, ()))
+            c, bb = search(i + 1, b)
+            return c + (0 if hit else 1), bb
+        options = [u for f in facts.by_name.get(name, ()) if (u := _unify(args, f, b)) is not None]
+        if nodes[0] > budget:
+            options = options[:1]
+        best_c, best_b = -1, b
+        for u in options:
+            c, bb = search(i + 1, u)
+            if c + 1 > best_c:
+                best_c, best_b = c + 1, bb
+            if best_c == len(order) - i:
+                return best_c, best_b  # cannot do better
+        if not options or nodes[0] <= budget:
+            c, bb = search(i + 1, b)
+            if c > best_c:
+                best_c, best_b = c, bb
+        return best_c, best_b
+
+    sat, out = search(0, binding)
+    return max(sat, 0), total, out
+
+
+def template_slots(template: str) -> list[str]:
+    """Slot names of a template, first-occurrence order."""
+    return list(dict.fromkeys(SLOT.findall(template)))
+
+
+def _literal(text: str) -> str:
+    # Spaces in a template match any run of whitespace in the action.
+    return r"\s+".join(re.escape(w) for w in text.split(" "))
+
+
+def template_regex(template: str, slot_values: dict[str, list[str]] | None = None) -> re.Pattern[str]:
+    """A full-match, case-insensitive regex for a templated action; slots become named groups.
+
+    A repeated slot must repeat its value. Entity slots take any text; lexical slots (``{w1}``,
+    words that varied between instances, like a direction) take any single word: the instances
+    showed that this position varies, the recorded values only say which values were seen.
+    """
+    t = norm(template)
+    parts: list[str] = []
+    seen: set[str] = set()
+    pos = 0
+    for m in SLOT.finditer(t):
+        parts.append(_literal(t[pos : m.start()]))
+        slot = m.group(1)
+        if slot in seen:
+            parts.append(f"(?P={slot})")
+        elif slot.startswith(LEXICAL_PREFIX):
+            parts.append(f"(?P<{slot}>[^\\s]+)")
+        else:
+            parts.append(f"(?P<{slot}>.+?)")
+        seen.add(slot)
+        pos = m.end()
+    parts.append(_literal(t[pos:]))
+    return re.compile("".join(parts), re.IGNORECASE)
+
+
+def fill_template(template: str, binding: dict[str, str]) -> str | None:
+    """The template with its slots bound, or None when a slot has no value."""
+    missing = False
+
+    def sub(m: re.Match[str]) -> str:
+        nonlocal missing
+        v = binding.get(m.group(1))
+        if v is None:
+            missing = True
+            return m.group(0)
+        return v
+
+    text = SLOT.sub(sub, template)
+    return None if missing else text
+
+
+def bind_predicates(preds: Sequence[str], binding: dict[str, str]) -> list[str]:
+    """Predicates with the bound slots substituted (unbound slots stay as ``{slot}``)."""
+    return [SLOT.sub(lambda m: binding.get(m.group(1), m.group(0)), p) for p in preds]
+
+
+# --------------------------------------------------------------------------- goal grounding
+
+_WORD = re.compile(r"[a-z0-9]+")
+# Function words that never name what an action acts on.
+_STOP_WORDS = (
+    "a an the of to in on at and or is are was be it its this that with for from by as you your "
+    "there here into onto inside up down some any then"
+)
+STOP = frozenset(_STOP_WORDS.split())
+_SUFFIXES = ("ing", "ed", "es", "en", "s")
+
+
+def words(text: str) -> list[str]:
+    return _WORD.findall(text.lower())
+
+
+def stem(word: str) -> str:
+    """A tiny stemmer: unlocked/unlocks/unlocking -> unlock, take/taken -> tak; never below 3 letters."""
+    for suf in _SUFFIXES:
+        if word.endswith(suf) and len(word) - len(suf) >= 3:
+            word = word[: -len(suf)]
+            break
+    if word.endswith("e") and len(word) > 3:
+        word = word[:-1]
+    return word
+
+
+def content_stems(text: str) -> list[str]:
+    return [stem(w) for w in words(text) if w not in STOP]
+
+
+def split_sentences(text: str) -> list[str]:
+    parts = re.split(r"(?<=[.!?;])\s+|\n+", text.strip())
+    return [p.strip() for p in parts if p.strip()]
+
+
+# Words that separate an action's noun phrases ("take X from Y", "unlock X with Y").
+PREPOSITIONS = frozenset(
+    [
+        "with",
+        "from",
+        "into",
+        "in",
+        "on",
+        "onto",
+        "inside",
+        "to",
+        "at",
+        "under",
+        "over",
+        "through",
+        "using",
+        "for",
+    ]
+)
+
+
+def action_parts(action: str) -> tuple[str, list[str]]:
+    """``"unlock safe with key"`` -> ``("unlock", ["safe", "key"])`` (stems, function words dropped)."""
+    ws = words(action)
+    if not ws:
+        return "", []
+    return stem(ws[0]), [stem(w) for w in ws[1:] if w not in STOP]
+
+
+def action_phrases(action: str) -> tuple[str, list[list[str]]]:
+    """``"take type 5 key from safe"`` -> ``("tak", [["type", "5", "key"], ["saf"]])``: verb + noun phrases."""
+    ws = words(action)
+    if not ws:
+        return "", []
+    phrases: list[list[str]] = [[]]
+    for w in ws[1:]:
+        if w in PREPOSITIONS:
+            phrases.append([])
+        elif w not in STOP:
+            phrases[-1].append(w)
+    return stem(ws[0]), [p for p in phrases if p]
+
+
+def _phrase_cover(phrase: list[str], sentence: set[str], sentence_words: str, others: Sequence[str]) -> float:
+    """Share of the phrase's words the sentence has (0 without its head noun, or when the sentence
+    names a longer entity ending in this phrase: "type T passkey" is not "passkey")."""
+    stems_ = [stem(w) for w in phrase]
+    if stems_[-1] not in sentence:
+        return 0.0
+    name = " ".join(phrase)
+    for e in others:
+        if e != name and e.endswith(" " + name) and f" {e} " in sentence_words:
+            return 0.0
+    return sum(1 for x in stems_ if x in sentence) / len(stems_)
+
+
+def grounding(
+    action: str,
+    sentence_stems: set[str],
+    cues: dict[str, float],
+    *,
+    sentence_text: str = "",
+    entities: Sequence[str] = (),
+    known_verbs: set[str] | None = None,
+) -> float:
+    """How well one goal sentence asks for ``action``: noun-phrase coverage x verb match.
+
+    The direct object counts double (goals often leave out the instrument: "unlock the door").
+    The verb matches literally or through ``cues``, goal words learned for it (``retrieve`` for
+    ``take``). When the sentence's verb is unknown (none of ``known_verbs`` in it), coverage alone
+    earns more than when the sentence asks for another known verb (``drop`` for "retrieve the key").
+    """
+    verb, phrases = action_phrases(action)
+    if not phrases:
+        return 0.0
+    padded = f" {' '.join(words(sentence_text))} "
+    covers = [_phrase_cover(p, sentence_stems, padded, entities) for p in phrases]
+    if covers[0] == 0:
+        return 0.0
+    cov = (2 * covers[0] + sum(covers[1:])) / (len(covers) + 1)
+    verb_hit = 1.0 if verb in sentence_stems else max((cues.get(w, 0.0) for w in sentence_stems), default=0.0)
+    if verb_hit == 0 and known_verbs is not None and not (sentence_stems & known_verbs):
+        return cov * 0.7
+    return cov * (0.4 + 0.6 * verb_hit)
+
+
+class GoalTracker:
+    """Splits the goal into sentences and tracks which ones the episode has done.
+
+    Relevance of an action is its best grounding in a pending sentence, discounted by the number
+    of pending *actionable* sentences before it (goals list sub-goals in order). ``vocabulary``
+    holds the known verbs and telling goal cues; ``arg_words`` the constant argument words of
+    known skills (directions): a sentence with either is actionable.
+    """
+
+    def __init__(
+        self,
+        goal: str,
+        vocabulary: set[str] | None = None,
+        decay: float = 0.6,
+        arg_words: set[str] | None = None,
+    ):
+        self.sentences = split_sentences(goal)
+        self.stems = [set(content_stems(s)) for s in self.sentences]
+        self.known_verbs = set(vocabulary) if vocabulary else None
+        vocab = (vocabulary or set()) | (arg_words or set())
+        self.actionable = [bool(st & vocab) for st in self.stems] if vocab else [True] * len(self.stems)
+        self.done = [False] * len(self.sentences)
+        self.checks: dict[int, list[str]] = {}
+        """Bound effects that must keep holding for a done sentence to stay done."""
+        self.decay = decay
+        self.steps_since_done = 0
+        self.entities: list[str] = []
+        """Entity names of the current state (set by the caller each step), for disambiguation."""
+
+    def _g(self, action: str, i: int, cues: dict[str, float]) -> float:
+        return grounding(
+            action,
+            self.stems[i],
+            cues,
+            sentence_text=self.sentences[i],
+            entities=self.entities,
+            known_verbs=self.known_verbs,
+        )
+
+    @property
+    def pending(self) -> list[int]:
+        return [i for i, d in enumerate(self.done) if not d and self.actionable[i]]
+
+    def relevance(self, action: str, cues: dict[str, float]) -> tuple[float, int | None]:
+        best, where = 0.0, None
+        for rank, i in enumerate(self.pending):
+            g = self._g(action, i, cues) * self.decay**rank
+            if g > best:
+                best, where = g, i
+        return best, where
+
+    def observe(
+        self,
+        action: str,
+        changed: bool,
+        cues: dict[str, float],
+        effects: Sequence[str] = (),
+        threshold: float = 0.6,
+    ) -> int | None:
+        """Mark the first pending sentence that ``action`` accomplished (when it changed the state).
+
+        ``effects`` (bound predicates) are remembered: if they stop holding, the sentence is
+        pending again (:meth:`revalidate`), e.g. a door re-locked or an item dropped.
+        """
+        self.steps_since_done += 1
+        if not changed:
+            return None
+        for i in self.pending:
+            if self._g(action, i, cues) >= threshold:
+                self.done[i] = True
+                if effects:
+                    self.checks[i] = list(effects)
+                self.steps_since_done = 0
+                return i
+        return None
+
+    def revalidate(self, facts: FactBase) -> list[int]:
+        """Reopen done sentences whose remembered effects no longer hold; returns them."""
+        reopened = []
+        for i, preds in list(self.checks.items()):
+            sat, tot, _ = match_conditions(preds, facts)
+            if sat < tot:
+                self.done[i] = False
+                del self.checks[i]
+                reopened.append(i)
+        return reopened
+
+    def defer_first(self) -> int | None:
+        """Local replanning: give up on the first pending sentence (it may be done or impossible)."""
+        p = self.pending
+        if not p:
+            return None
+        self.done[p[0]] = True
+        self.checks.pop(p[0], None)
+        self.steps_since_done = 0
+        return p[0]
+
+    def next_text(self) -> str:
+        p = self.pending
+        return self.sentences[p[0]] if p else ""
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+def skill_cues(skill: Skill) -> list[str]:
+    return [t[4:] for t in skill.tags if t.startswith("cue:")]
+
+
+def verb_of(template: str) -> str:
+    ws = words(SLOT.sub(" ", template))
+    return stem(ws[0]) if ws else ""
+
+
+@dataclass
+class SkillMatch:
+    """One skill scored against the current state."""
+
+    skill: Skill
+    step: int = 0
+    binding: dict[str, str] = field(default_factory=dict)
+    action: str | None = None
+    """The skill's step bound to the state, when it is admissible (or no admissible list exists)."""
+    applicability: float = 0.0
+    relevance: float = 0.0
+    similarity: float = 0.0
+    reliability: float = 0.5
+    score: float = 0.0
+    applicable: bool = False
+    sentence: int | None = None
+    reason: str = ""
+
+
+@dataclass
+class GuardrailMatch:
+    guardrail: Guardrail
+    binding: dict[str, str] = field(default_factory=dict)
+    action: str | None = None
+    """An admissible action this guardrail would refuse right now (what makes it worth injecting)."""
+    applicable: bool = False
+    score: float = 0.0
+    reason: str = ""
+
+
+@dataclass
+class RetrievalConfig:
+    min_applicability: float = 0.5
+    """Fraction of preconditions that must hold for a skill to count as applicable."""
+    min_score: float = 0.3
+    """Cut-off of the combined score for injection into the planner."""
+    propose_score: float = 0.4
+    """Cut-off for executing a skill step as a macro action (propose)."""
+    max_candidates: int = 64
+    """Dense + keyword prefilter size when the snapshot holds more skills than this."""
+    w_goal: float = 0.8
+    w_similarity: float = 0.2
+
+
+def _task_matches(g: Guardrail, goal: str) -> bool:
+    if g.scope != GuardrailScope.task or not g.task_pattern:
+        return True
+    try:
+        return re.search(g.task_pattern, goal, re.IGNORECASE) is not None
+    except re.error:
+        return False
+
+
+class KnowledgeIndex:
+    """An in-memory index over a snapshot of skills and guardrails (what a worker process holds).
+
+    Only knowledge with a status in ``statuses`` is indexed. Dense vectors come from ``embedder``;
+    keyword scores from BM25 over the same texts.
+    """
+
+    def __init__(
+        self,
+        skills: Sequence[Skill],
+        guardrails: Sequence[Guardrail],
+        embedder: Embedder | None = None,
+        statuses: Sequence[str | KnowledgeStatus] = ("active",),
+        config: RetrievalConfig | None = None,
+    ):
+        keep = {KnowledgeStatus(s) for s in statuses}
+        self.skills = [s for s in skills if s.status in keep and s.steps]
+        self.guardrails: list[Guardrail] = []
+        self._guard_re: list[re.Pattern[str]] = []
+        for g in guardrails:
+            if g.status not in keep:
+                continue
+            try:
+                rx = re.compile(g.forbidden_action, re.IGNORECASE)
+            except re.error:
+                continue  # a corrupt pattern must never block (or crash) an agent
+            self.guardrails.append(g)
+            self._guard_re.append(rx)
+        self.config = config or RetrievalConfig()
+        self.embedder = embedder
+        self._step_re: list[list[re.Pattern[str]]] = [
+            [template_regex(t, s.slots) for t in s.steps] for s in self.skills
+        ]
+        self._step_verb: list[list[str]] = [[verb_of(t) for t in s.steps] for s in self.skills]
+        # Goal cues per verb, learned from single-step skills: weight = share of that cue's
+        # sightings that came with this verb (a word seen with one verb only is fully telling).
+        seen: dict[str, Counter[str]] = defaultdict(Counter)
+        for s, verbs in zip(self.skills, self._step_verb):
+            if len(verbs) != 1 or not verbs[0]:
+                continue
+            for c in skill_cues(s):
+                seen[stem(c)][verbs[0]] += max(1, len(s.provenance))
+        self._verb_cues: dict[str, dict[str, float]] = defaultdict(dict)
+        for c, by_verb in seen.items():
+            total = sum(by_verb.values())
+            for v, n in by_verb.items():
+                self._verb_cues[v][c] = n / total
+        # Words that make a goal sentence actionable: step verbs and telling cues.
+        self.vocabulary: set[str] = set()
+        for verbs in self._step_verb:
+            self.vocabulary.update(v for v in verbs if v)
+        for cues in self._verb_cues.values():
+            self.vocabulary.update(w for w, wt in cues.items() if wt >= 0.5)
+        # Constant argument words of the steps (directions) and values of lexical slots.
+        self.arg_words: set[str] = set()
+        for s in self.skills:
+            for t in s.steps:
+                self.arg_words.update(action_parts(SLOT.sub(" ", t))[1])
+            for k, vals in s.slots.items():
+                if k.startswith(LEXICAL_PREFIX):
+                    self.arg_words.update(stem(v) for v in vals)
+        # Effects of single-step skills, for checking that a finished goal sentence stays done.
+        self._effects: list[tuple[re.Pattern[str], list[str]]] = [
+            (regs[0], [v for v in s.verification if v not in ("moved", "score increased")])
+            for s, regs in zip(self.skills, self._step_re)
+            if len(regs) == 1
+        ]
+        texts = [s.text() for s in self.skills]
+        self._vecs = embedder.embed(texts) if (embedder is not None and texts) else None
+        self._bm25 = BM25Index(texts) if texts else None
+
+    # -- skills
+    def cues_for(self, action: str) -> dict[str, float]:
+        """Learned goal words (stem -> weight) for the verb of ``action``."""
+        return self._verb_cues.get(action_parts(action)[0], {})
+
+    def effects_for(self, action: str) -> list[str]:
+        """Fully bound verification predicates of the single-step skill that ``action`` instantiates."""
+        a = norm(action)
+        for rx, ver in self._effects:
+            m = rx.fullmatch(a)
+            if m is None:
+                continue
+            b = {k: norm(v) for k, v in m.groupdict().items() if v is not None}
+            bound = [p for p in bind_predicates(ver, b) if not SLOT.search(p)]
+            if bound:
+                return bound
+        return []
+
+    def similarities(self, query: str) -> np.ndarray:
+        """Dense cosine (0..1) blended with normalised BM25, per indexed skill."""
+        n = len(self.skills)
+        if n == 0:
+            return np.zeros(0)
+        dense = np.zeros(n)
+        if self._vecs is not None and self.embedder is not None:
+            q = self.embedder.embed([query])[0]
+            dense = np.clip(self._vecs @ q, 0.0, 1.0)
+        kw = self._bm25.scores(query) if self._bm25 is not None else np.zeros(n)
+        if kw.max() > 0:
+            kw = kw / kw.max()
+        return 0.7 * dense + 0.3 * kw
+
+    def candidates(self, sims: np.ndarray) -> list[int]:
+        n = len(self.skills)
+        if n <= self.config.max_candidates:
+            return list(range(n))
+        return [int(i) for i in np.argsort(-sims, kind="stable")[: self.config.max_candidates]]
+
+    def match_skill(
+        self,
+        i: int,
+        obs: Observation,
+        facts: FactBase,
+        tracker: GoalTracker | None,
+        similarity: float,
+        step: int = 0,
+        binding: dict[str, str] | None = None,
+        banned: set[str] | None = None,
+        by_verb: dict[str, list[str]] | None = None,
+    ) -> SkillMatch:
+        """Score skill ``i`` at its step ``step`` (0 = a fresh start) in the state ``obs``."""
+        s = self.skills[i]
+        cfg = self.config
+        m = SkillMatch(skill=s, step=step, similarity=similarity, reliability=s.stats.confidence)
+        template = s.steps[step]
+        regex = self._step_re[i][step]
+        base = dict(binding or {})
+        if step == 0 and obs.state.location:
+            base.setdefault("room", norm(obs.state.location))  # {room} is where the skill starts
+        cues = self._verb_cues.get(self._step_verb[i][step], {})
+        options: list[tuple[str, dict[str, str]]] = []
+        admissible = obs.admissible_actions
+        if admissible is not None:
+            verb = self._step_verb[i][step]
+            pool = by_verb.get(verb, []) if by_verb is not None else admissible
+            for a in pool:
+                mm = regex.fullmatch(norm(a))
+                if mm is None:
+                    continue
+                b = dict(base)
+                ok = True
+                for k, v in mm.groupdict().items():
+                    if k in b and norm(b[k]) != norm(v):
+                        ok = False
+                        break
+                    b[k] = norm(v)
+                if ok and (banned is None or norm(a) not in banned):
+                    options.append((a, b))
+        else:
+            # No admissible list: bind through the preconditions, then fill the template.
+            _, _, b = match_conditions(s.preconditions if step == 0 else [], facts, base)
+            text = fill_template(template, b)
+            if text is not None and (banned is None or norm(text) not in banned):
+                options.append((text, b))
+        if not options:
+            m.reason = f"step {step + 1} '{template}' not admissible here"
+            return m
+        best: tuple[float, float, int | None, str, dict[str, str]] | None = None
+        pre = s.preconditions if step == 0 else []
+        for a, b in options[:50]:
+            sat, tot, full = match_conditions(pre, facts, b)
+            appl = sat / tot if tot else 1.0
+            rel, where = tracker.relevance(a, cues) if tracker is not None else (0.0, None)
+            key = (appl, rel, where, a, full)
+            if best is None or (appl, rel) > (best[0], best[1]):
+                best = key
+        assert best is not None
+        appl, rel, where, a, full = best
+        m.applicability, m.relevance, m.sentence, m.binding = appl, rel, where, full
+        m.action = a
+        m.applicable = appl >= cfg.min_applicability
+        goal_part = cfg.w_goal * rel + cfg.w_similarity * similarity
+        # Above the applicability gate a missing precondition costs little: templates over-specify
+        # (a door is linked to rooms, a chest is "at" one; both unlock the same way).
+        fit = (0.5 + 0.5 * appl) if m.applicable else 0.0
+        m.score = fit * goal_part * (0.6 + 0.4 * m.reliability)
+        m.reason = (
+            f"binds '{a}'; {appl:.0%} of preconditions hold; goal relevance {rel:.2f}; "
+            f"similarity {similarity:.2f}; confidence {m.reliability:.2f}"
+        )
+        return m
+
+    def score_skills(
+        self,
+        obs: Observation,
+        tracker: GoalTracker | None,
+        query: str,
+        banned: set[str] | None = None,
+    ) -> list[SkillMatch]:
+        """Every candidate skill scored at its first step, best first."""
+        if not self.skills:
+            return []
+        facts = FactBase.from_state(obs.state)
+        sims = self.similarities(query)
+        by_verb: dict[str, list[str]] | None = None
+        if obs.admissible_actions is not None:
+            by_verb = defaultdict(list)
+            for a in obs.admissible_actions:
+                by_verb[action_parts(a)[0]].append(a)
+        out = [
+            self.match_skill(i, obs, facts, tracker, float(sims[i]), banned=banned, by_verb=by_verb)
+            for i in self.candidates(sims)
+        ]
+        out.sort(key=lambda m: (-m.score, -m.applicability, m.skill.id))
+        return out
+
+    # -- guardrails
+    def guardrail_matches(self, obs: Observation, goal: str, limit: int = 200) -> list[GuardrailMatch]:
+        """Guardrails whose scope matches and whose trigger holds now, with an admissible action
+        they would refuse (those first)."""
+        facts = FactBase.from_state(obs.state)
+        out: list[GuardrailMatch] = []
+        for g, rx in zip(self.guardrails, self._guard_re):
+            if not _task_matches(g, goal):
+                continue
+            gm = GuardrailMatch(guardrail=g)
+            for a in (obs.admissible_actions or [])[:limit]:
+                mm = rx.fullmatch(norm(a))
+                if mm is None:
+                    continue
+                b = {k: norm(v) for k, v in mm.groupdict().items() if v is not None}
+                sat, tot, full = match_conditions(g.trigger, facts, b)
+                if sat == tot:
+                    gm.action, gm.binding, gm.applicable = a, full, True
+                    break
+            if not gm.applicable:
+                sat, tot, full = match_conditions(g.trigger, facts)
+                gm.applicable = sat == tot and bool(tot)
+                gm.binding = full
+            gm.score = (1.0 if gm.action else 0.5) * g.stats.confidence if gm.applicable else 0.0
+            gm.reason = (
+                f"would refuse admissible '{gm.action}'"
+                if gm.action
+                else ("trigger holds" if gm.applicable else "trigger does not hold")
+            )
+            out.append(gm)
+        out.sort(key=lambda m: (-m.score, m.guardrail.id))
+        return out
+
+    def check(self, action: str, obs: Observation, goal: str) -> GuardrailVerdict:
+        """Enforce: the first active guardrail whose regex full-matches ``action``, whose trigger
+        holds under the regex's binding and whose scope matches the task refuses it."""
+        a = norm(action)
+        facts: FactBase | None = None
+        for g, rx in zip(self.guardrails, self._guard_re):
+            mm = rx.fullmatch(a)
+            if mm is None or not _task_matches(g, goal):
+                continue
+            if facts is None:
+                facts = FactBase.from_state(obs.state)
+            b = {k: norm(v) for k, v in mm.groupdict().items() if v is not None}
+            sat, tot, _ = match_conditions(g.trigger, facts, b)
+            if sat == tot:
+                when = "; ".join(bind_predicates(g.trigger, b)) or "always"
+                return GuardrailVerdict(
+                    allowed=False,
+                    guardrail_id=g.id,
+                    reason=f"{g.root_cause.value} guardrail: '{action}' is refused when {when}"
+                    + (f" ({g.description})" if g.description else ""),
+                )
+        return GuardrailVerdict()

@@ -1,0 +1,262 @@
+"""EvolveMemory and RawTrajectoryMemory in the loop: retrieval cut-off, enforcement, macros, stats,
+the real agent graph, and a few real TextWorld games."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import pytest
+from test_skills import NAMES, CautiousRandom, ChestWorld, gold, play, run_loop
+
+from evolve.schema import (
+    Action,
+    ActionSource,
+    FailureCause,
+    Guardrail,
+    GuardrailScope,
+    KnowledgeStatus,
+    MemoryContext,
+    Outcome,
+    Skill,
+    Split,
+    Step,
+)
+from evolve.skills import EvolveMemory, RawTrajectoryMemory, distill_snapshot, usage_from_trajectories
+from evolve.skills.retrieval import FactBase, GoalTracker, match_conditions
+
+UNLOCK = Skill(
+    name="unlock {obj1} with {obj2}",
+    steps=["unlock {obj1} with {obj2}"],
+    preconditions=["locked({obj1})", "in({obj2}, I)", "match({obj2}, {obj1})", "at({obj1}, {room})"],
+    verification=["not locked({obj1})"],
+    tags=["atomic", "cue:unlock"],
+    status=KnowledgeStatus.active,
+)
+MACRO = Skill(
+    name="unlock then open",
+    steps=["unlock {obj1} with {obj2}", "open {obj1}"],
+    preconditions=["locked({obj1})", "in({obj2}, I)", "match({obj2}, {obj1})"],
+    verification=["open({obj1})"],
+    tags=["macro", "cue:unlock", "cue:open"],
+    status=KnowledgeStatus.active,
+)
+NO_OPEN_LOCKED = Guardrail(
+    root_cause=FailureCause.precondition_unmet,
+    forbidden_action=r"open\s+(?P<obj1>.+?)",
+    trigger=["locked({obj1})"],
+    scope=GuardrailScope.subgoal,
+    status=KnowledgeStatus.active,
+)
+
+
+def _test_task(i: int = 0):
+    env = ChestWorld()
+    task = env.tasks("test")[i]
+    return env, task, NAMES[Split.test][i]
+
+
+def test_existential_matching_and_cutoff() -> None:
+    facts = FactBase(["locked(crate)", "in(card, I)", "match(card, crate)", "at(crate, hall)"])
+    assert match_conditions(UNLOCK.preconditions, facts, {"room": "hall"})[:2] == (4, 4)
+    sat, tot, b = match_conditions(UNLOCK.preconditions, FactBase(["locked(crate)", "at(crate, hall)"]))
+    assert (sat, tot) == (2, 4) and b["obj1"] == "crate"
+    assert match_conditions(["not open({obj1})"], facts, {"obj1": "crate"})[0] == 1
+
+
+def test_retrieval_applicability_cutoff_and_logs() -> None:
+    env, task, (k, c, _) = _test_task()
+    mem = EvolveMemory([UNLOCK])
+    obs = env.reset(task)
+    mem.on_episode_start(task, obs)
+    ctx = mem.retrieve(obs, [])
+    # The key is not held yet: 3 of 4 preconditions fail -> not applicable, not injected, but logged.
+    assert ctx.skills == []
+    logs = mem._ep.logs
+    assert logs and not logs[0].applicable and not logs[0].injected and "not admissible" in logs[0].reason
+    obs = env.step(f"take {k}")
+    ctx = mem.retrieve(
+        obs, [Step(index=0, pre_state=env.reset(task), action=Action(text=f"take {k}"), post_state=obs)]
+    )
+    assert [s.id for s in ctx.skills] == [UNLOCK.id]
+    assert ctx.skills[0].steps == [f"unlock {c} with {k}"]  # bound to this state's objects
+    assert any(f"unlock {c} with {k}" in n for n in ctx.notes)
+    injected = [r for r in mem._ep.logs if r.injected]
+    assert injected and injected[-1].applicable and injected[-1].score > 0.3
+
+
+def test_check_action_enforces_guardrails_with_scope() -> None:
+    env, task, (k, c, _) = _test_task()
+    mem = EvolveMemory([NO_OPEN_LOCKED])
+    obs = env.reset(task)
+    mem.on_episode_start(task, obs)
+    v = mem.check_action(Action(text=f"open {c}"), obs, MemoryContext())
+    assert not v.allowed and v.guardrail_id == NO_OPEN_LOCKED.id and "locked" in v.reason
+    assert mem.check_action(Action(text=f"take {k}"), obs, MemoryContext()).allowed
+    for a in [f"take {k}", f"unlock {c} with {k}"]:
+        obs = env.step(a)
+    assert mem.check_action(Action(text=f"open {c}"), obs, MemoryContext()).allowed  # trigger gone
+    # Task scope: a guardrail for other goals does not apply here.
+    other = NO_OPEN_LOCKED.model_copy(update={"scope": GuardrailScope.task, "task_pattern": r"(?=.*\bbake)"})
+    mem2 = EvolveMemory([other])
+    obs = env.reset(task)
+    mem2.on_episode_start(task, obs)
+    assert mem2.check_action(Action(text=f"open {c}"), obs, MemoryContext()).allowed
+    # Candidates are not enforced by a memory built for active knowledge.
+    cand = NO_OPEN_LOCKED.model_copy(update={"status": KnowledgeStatus.candidate})
+    assert EvolveMemory([cand]).check_action(Action(text=f"open {c}"), obs, MemoryContext()).allowed
+
+
+def test_propose_runs_a_macro_and_abandons_it_when_a_step_fails() -> None:
+    env, task, (k, c, _) = _test_task()
+    mem = EvolveMemory([MACRO])
+    obs0 = env.reset(task)
+    obs = env.step(f"take {k}")
+    hist = [Step(index=0, pre_state=obs0, action=Action(text=f"take {k}"), post_state=obs)]
+    mem.on_episode_start(task, obs0)
+    ctx = mem.retrieve(obs, hist)
+    a = mem.propose(obs, hist, ctx)
+    assert a is not None and a.text == f"unlock {c} with {k}"
+    assert a.source == ActionSource.skill and a.skill_id == MACRO.id
+    post = env.step(a.text)
+    hist.append(Step(index=1, pre_state=obs, action=a, post_state=post))
+    ctx = mem.retrieve(post, hist)
+    b = mem.propose(post, hist, ctx)
+    assert b is not None and b.text == f"open {c}" and "step 2/2" in b.thought
+    # The second step fails (say the env refused): the macro is abandoned with a note.
+    hist.append(Step(index=2, pre_state=post, action=b, post_state=post))
+    ctx = mem.retrieve(post, hist)
+    assert mem._ep.macro is None and any("abandoned" in n for n in ctx.notes)
+    # ... and the failed action is not proposed again in that state, nor allowed by the episodic guard.
+    again = mem.propose(post, hist, ctx)
+    assert again is None or again.text != f"open {c}"
+    assert not mem.check_action(Action(text=f"open {c}"), post, ctx).allowed
+
+
+def test_goal_tracker_reopens_undone_subgoals() -> None:
+    env, task, (k, c, _) = _test_task()
+    tracker = GoalTracker(task.goal, {"pick", "tak", "unlock", "open", "recover"})
+    first = tracker.pending[0]
+    assert tracker.observe(f"take {k}", True, {"pick": 1.0}, [f"in({k}, I)"]) == first
+    assert tracker.revalidate(FactBase([f"in({k}, I)"])) == []
+    assert tracker.revalidate(FactBase([f"at({k}, hall)"])) == [first]  # dropped again: pending again
+    assert tracker.pending[0] == first
+
+
+def test_episode_end_updates_stats_and_logs() -> None:
+    env, task, _ = _test_task()
+    know = distill_snapshot([gold(ChestWorld(), t) for t in ChestWorld().tasks("train")[:2]])
+    mem = EvolveMemory(know)
+    traj = run_loop(env, CautiousRandom(0), task, mem)
+    assert traj.success
+    meta = traj.metadata["evolve"]
+    assert meta["used"] and meta["proposed"] >= 1
+    used = next(iter(meta["used"]))
+    assert mem.usage[used][0] == 1 and mem.usage[used][1] == 1
+    assert next(k for k in mem.skills if k.id == used).stats.uses == 1
+    logs = mem.pop_retrieval_logs()
+    assert logs and all(
+        r.trajectory_id == traj.id and r.outcome and r.outcome.startswith("success") for r in logs
+    )
+    assert any("executed" in (r.outcome or "") for r in logs)
+    assert mem.pop_retrieval_logs() == []
+    assert usage_from_trajectories([traj])[used] == (1, 1, 0)
+
+
+def test_factories_are_picklable() -> None:
+    know = distill_snapshot([gold(ChestWorld(), ChestWorld().tasks("train")[0])])
+    f = pickle.loads(pickle.dumps(EvolveMemory.factory(know, embedder="hash")))
+    assert len(f().skills) == sum(isinstance(k, Skill) for k in know)
+    r = pickle.loads(
+        pickle.dumps(RawTrajectoryMemory.factory([gold(ChestWorld(), ChestWorld().tasks("train")[0])]))
+    )
+    assert len(r().records) == 1
+
+
+def test_raw_trajectory_baseline_replays_admissible_actions() -> None:
+    env = ChestWorld()
+    # A past episode on the *same* game: its actions are admissible here, so they replay.
+    same = env.tasks("test")[0]
+    past = gold(env, same)
+    mem = RawTrajectoryMemory([past, play(env, env.tasks("train")[0], ["look"], ActionSource.policy)])
+    assert len(mem.records) == 2
+    traj = run_loop(env, CautiousRandom(3), same, mem)  # type: ignore[arg-type]
+    assert traj.success and len(traj.steps) == 4
+    assert traj.steps[0].action.source == ActionSource.skill and "replay" in traj.steps[0].action.thought
+    obs = env.reset(same)
+    mem.on_episode_start(same, obs)
+    ctx = mem.retrieve(obs, [])
+    assert ctx.examples and "take card" in ctx.examples[0]
+    # On a game with other names nothing replays: raw trajectories do not transfer.
+    other = env.tasks("test")[1]
+    mem2 = RawTrajectoryMemory([past])
+    obs = env.reset(other)
+    mem2.on_episode_start(other, obs)
+    assert mem2.propose(obs, [], mem2.retrieve(obs, [])) is None
+
+
+def test_agent_graph_with_memory_beats_the_policy_alone() -> None:
+    from evolve.agents.graph import run_episode
+
+    env = ChestWorld(decoy=False)
+    know = distill_snapshot([gold(env, t) for t in env.tasks("train")[:2]])
+    base = evo = 0
+    for task in env.tasks("test"):
+        t0 = run_episode(env, CautiousRandom(0), task, max_steps=8)
+        t1 = run_episode(env, CautiousRandom(0), task, hooks=EvolveMemory(know), max_steps=8)
+        base += t0.success
+        evo += t1.success
+        assert t1.metadata["evolve"]["proposed"] >= 1
+        assert any(s.action.source == ActionSource.skill for s in t1.steps)
+    assert evo == 3 and evo > base
+
+
+@pytest.mark.slow
+def test_textworld_held_out_games_random_plus_memory_beats_random() -> None:
+    """Knowledge from oracle demos on 5 train games; random policy on 3 unseen games, same seeds."""
+    pytest.importorskip("textworld")
+    from evolve.agents.graph import run_episode
+    from evolve.agents.specs import make_policy
+    from evolve.envs import make_env
+
+    env = make_env("textworld", n_train=5, n_dev=0, n_test=3)
+    try:
+        oracle = make_policy({"kind": "oracle"})
+        demos = [run_episode(env, oracle, t, max_steps=20) for t in env.tasks("train")]
+        assert all(d.success for d in demos)
+        know = distill_snapshot(demos)
+        assert any(isinstance(k, Skill) for k in know)
+        base = evo = 0
+        for t in env.tasks("test"):
+            r = run_episode(env, make_policy({"kind": "random", "seed": 0}), t, max_steps=40)
+            e = run_episode(
+                env, make_policy({"kind": "random", "seed": 0}), t, hooks=EvolveMemory(know), max_steps=40
+            )
+            base += r.success
+            evo += e.success
+            assert e.outcome != Outcome.error
+        print(f"textworld held-out: random {base}/3, random + EvolveMemory {evo}/3")
+        # Deterministic (fixed games and seeds). Measured 0/3 vs 2/3 here (3/3 with 8 demos), and
+        # 5% vs 85% on 60 held-out episodes in bench/evolution.py: a robust, strict gain.
+        assert evo > base and evo >= 2
+    finally:
+        env.close()
+
+
+def test_from_store_takes_a_snapshot_of_active_knowledge(tmp_path: Path) -> None:
+    from evolve.stores import ExperienceStore, HashingEmbedder
+
+    with ExperienceStore(tmp_path / "s.duckdb", embedder=HashingEmbedder(64)) as store:
+        store.upsert_skills([UNLOCK, MACRO.model_copy(update={"status": KnowledgeStatus.candidate})])
+        store.upsert_guardrails([NO_OPEN_LOCKED])
+        mem = EvolveMemory.from_store(store)
+        assert [s.id for s in mem.skills] == [UNLOCK.id] and [g.id for g in mem.guardrails] == [
+            NO_OPEN_LOCKED.id
+        ]
+        env, task, _ = _test_task()
+        traj = run_loop(env, CautiousRandom(1), task, mem)
+        assert mem.flush(store) > 0
+        assert store.retrieval_logs(trajectory_id=traj.id)
+        if traj.metadata["evolve"]["used"]:
+            used = next(iter(traj.metadata["evolve"]["used"]))
+            assert store.get_knowledge(used).stats.uses == 1
