@@ -100,7 +100,9 @@ def test_kill_9_mid_run_then_resume(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     # Kill once in the middle of collecting and once in the middle of the eval stage.
     for marker, delay in (("stage collect start", 4.0), ("stage eval start", 3.0)):
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, start_new_session=True
+        )
         deadline = time.time() + 240
         while time.time() < deadline and proc.poll() is None:
             if log.exists() and marker in log.read_text():
