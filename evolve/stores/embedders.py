@@ -57,7 +57,11 @@ class SentenceTransformerEmbedder:
             raise EmbedderError(f"could not load a sentence-transformers model from '{path}': {e}") from e
         self.path = path
         self.batch_size = batch_size
-        self.dim = int(self._model.get_sentence_embedding_dimension())
+        # sentence-transformers >= 5 renamed the method; older releases only have the first name.
+        get_dim = getattr(self._model, "get_embedding_dimension", None) or (
+            self._model.get_sentence_embedding_dimension
+        )
+        self.dim = int(get_dim())
         self.name = f"st:{Path(path).name}:{self.dim}"
 
     def embed(self, texts: list[str]) -> np.ndarray:
@@ -123,5 +127,7 @@ def make_embedder(spec: str | None) -> Embedder:
         return default_embedder()
     if spec.startswith("hash"):
         _, _, d = spec.partition(":")
+        if d and not (d.isdigit() and int(d) > 0):
+            raise EmbedderError(f"bad embedder spec '{spec}': write hash or hash:<dim> with dim > 0")
         return HashingEmbedder(int(d) if d else 256)
     return SentenceTransformerEmbedder(spec)

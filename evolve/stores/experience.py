@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Iterable, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -44,7 +44,10 @@ from evolve.stores.vector_index import HNSW_THRESHOLD, VectorIndex
 
 APP_ID = "evolve-experience-store"
 DEFAULT_NAMESPACE = "default"
+# Commits per database file in this process; a store's caches are valid for one generation.
+_GENERATIONS: dict[str, int] = {}
 K = TypeVar("K", Skill, Guardrail)
+M = TypeVar("M", bound=BaseModel)
 
 # Kinds whose text is derived from a source table and embedded lazily.
 _SOURCES: dict[str, tuple[str, str]] = {
@@ -65,10 +68,10 @@ _DDL = [
     """CREATE TABLE IF NOT EXISTS trajectories (
         id VARCHAR PRIMARY KEY, namespace VARCHAR, run_id VARCHAR, task_id VARCHAR, env VARCHAR,
         split VARCHAR, policy VARCHAR, arm VARCHAR, outcome VARCHAR, score DOUBLE, max_score DOUBLE,
-        n_steps INTEGER, seed BIGINT, created_at TIMESTAMPTZ, summary VARCHAR, data JSON)""",
+        n_steps INTEGER, seed BIGINT, created_at TIMESTAMPTZ, summary VARCHAR{zstd}, data JSON{zstd})""",
     """CREATE TABLE IF NOT EXISTS steps (
-        trajectory_id VARCHAR, idx INTEGER, namespace VARCHAR, action VARCHAR, observation VARCHAR,
-        reward DOUBLE, done BOOLEAN, causes VARCHAR[], pre_shared BOOLEAN, data JSON)""",
+        trajectory_id VARCHAR, idx INTEGER, namespace VARCHAR, action VARCHAR, observation VARCHAR{zstd},
+        reward DOUBLE, done BOOLEAN, causes VARCHAR[], pre_shared BOOLEAN, data JSON{zstd})""",
     """CREATE TABLE IF NOT EXISTS diagnoses (
         trajectory_id VARCHAR, step_index INTEGER, namespace VARCHAR, cause VARCHAR, evidence VARCHAR)""",
     """CREATE TABLE IF NOT EXISTS skills (
@@ -107,6 +110,13 @@ def _as_list(x: str | Iterable[str] | None) -> list[str] | None:
     return [x] if isinstance(x, str) else list(x)
 
 
+def _utc(us: int | None) -> datetime | None:
+    return None if us is None else _EPOCH + timedelta(microseconds=us)
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
 def _traj_summary(t: Trajectory) -> str:
     """Text that represents an episode for retrieval (goal, outcome, what was done)."""
     acts = "; ".join(s.action.text for s in t.steps[:40])
@@ -132,9 +142,20 @@ class ExperienceStore:
         self.hnsw_threshold = hnsw_threshold
         self._lock = threading.RLock()
         self._indexes: dict[str, VectorIndex] = {}
-        self._bm25: dict[str, tuple[int, BM25Index, np.ndarray, np.ndarray]] = {}
+        self._bm25: dict[str, tuple[_Meta, BM25Index]] = {}
+        # What the in-memory caches were checked against: the file's commit generation.
+        self._gen_key = str(Path(self.path).resolve()) if self.path != ":memory:" else f":memory:{id(self)}"
+        self._fresh: dict[str, int] = {}
+        self._meta: dict[str, _Meta] = {}
+        self._allowed: dict[str, dict[str, tuple[np.ndarray | None, np.ndarray | None]]] = {}
+        self._ns_cache: tuple[int, set[str]] | None = None
         self.conn = self._connect()
-        self._init_schema()
+        try:
+            self._init_schema()
+        except BaseException:
+            # A refused file must not stay locked by this process.
+            self.conn.close()
+            raise
 
     # ------------------------------------------------------------------ lifecycle
     def _connect(self) -> duckdb.DuckDBPyConnection:
@@ -191,7 +212,7 @@ class ExperienceStore:
         if self.read_only:
             raise StoreError(f"'{self.path}' is empty, not an evolve store; run a collect stage first")
         with self.transaction():
-            for ddl in _DDL:
+            for ddl in self._ddl():
                 self.conn.execute(ddl)
             self.conn.executemany(
                 "INSERT INTO evolve_meta VALUES (?, ?)",
@@ -201,8 +222,19 @@ class ExperienceStore:
 
     def _migrate(self, version: int) -> None:
         # Schema 1 is the first; later versions add their ALTERs here, one block per version.
-        for ddl in _DDL:
+        for ddl in self._ddl():
             self.conn.execute(ddl)
+
+    def _ddl(self) -> list[str]:
+        # ZSTD on the big JSON/text columns: ~3x smaller than DuckDB's default string compression
+        # and about twice as fast to checkpoint, i.e. to ingest. DuckDB < 1.2 lacks it.
+        try:
+            self.conn.execute("CREATE TEMP TABLE _zstd_probe (x VARCHAR USING COMPRESSION zstd)")
+            self.conn.execute("DROP TABLE _zstd_probe")
+            zstd = " USING COMPRESSION zstd"
+        except duckdb.Error:
+            zstd = ""
+        return [ddl.replace("{zstd}", zstd) for ddl in _DDL]
 
     def _one(self, sql: str, params: list[Any] | None = None) -> tuple[Any, ...] | None:
         # fetchall, not fetchone: DuckDB refuses new work while a result is only partly fetched.
@@ -238,19 +270,19 @@ class ExperienceStore:
     def _ns(self, namespace: str | None) -> str:
         return namespace or self.namespace
 
+    def _own(self, item: M) -> tuple[M, str]:
+        """An item to write and its namespace: one that names none goes to the store's namespace."""
+        if "namespace" in item.model_fields_set or item.namespace != DEFAULT_NAMESPACE:  # type: ignore[attr-defined]
+            return item, item.namespace  # type: ignore[attr-defined]
+        if self.namespace == DEFAULT_NAMESPACE:
+            return item, DEFAULT_NAMESPACE
+        return item.model_copy(update={"namespace": self.namespace}), self.namespace
+
     def _ensure_namespace(self, ns: str) -> None:
         self.conn.execute("INSERT INTO namespaces VALUES (?, ?) ON CONFLICT DO NOTHING", [ns, utcnow()])
 
     def list_namespaces(self) -> list[str]:
         return [r[0] for r in self.conn.execute("SELECT namespace FROM namespaces ORDER BY 1").fetchall()]
-
-    def _check_namespace(self, ns: str) -> None:
-        row = self._one("SELECT 1 FROM namespaces WHERE namespace = ?", [ns])
-        if row is None:
-            known = ", ".join(self.list_namespaces()) or "none"
-            raise StoreError(
-                f"unknown namespace '{ns}' (known: {known}); check the name or write to it first"
-            )
 
     def delete_namespace(self, namespace: str) -> None:
         """Delete a namespace and everything in it (experience, knowledge, examples, vectors)."""
@@ -278,11 +310,13 @@ class ExperienceStore:
         """Append (or replace, by id) trajectories with their steps in one transaction."""
         if not trajectories:
             return 0
+        # One row per id: a later duplicate in the same batch replaces an earlier one.
+        trajectories = list({t.id: t for t in trajectories}.values())
         trows: dict[str, list[Any]] = {c: [] for c in _TRAJ_COLS}
         srows: dict[str, list[Any]] = {c: [] for c in _STEP_COLS}
         drows: dict[str, list[Any]] = {c: [] for c in _DIAG_COLS}
         for t in trajectories:
-            ns = t.namespace or self.namespace
+            t, ns = self._own(t)
             head = t.model_dump_json(exclude={"steps"})
             for c, v in zip(
                 _TRAJ_COLS,
@@ -306,26 +340,27 @@ class ExperienceStore:
                 ),
             ):
                 trows[c].append(v)
-            prev: Step | None = None
-            for s in t.steps:
-                causes = s.diagnosis.cause_names() if s.diagnosis else []
-                # A step's pre_state is almost always the previous post_state: store it once
-                # (halves the serialisation cost, the bottleneck of ingest); _assemble restores it.
-                if prev is not None and (s.pre_state is prev.post_state or s.pre_state == prev.post_state):
-                    data, shared = s.model_dump_json(exclude=_PRE), True
-                else:
-                    data, shared = s.model_dump_json(), False
-                prev = s
-                srows["trajectory_id"].append(t.id)
-                srows["idx"].append(s.index)
-                srows["namespace"].append(ns)
-                srows["action"].append(s.action.text)
-                srows["observation"].append(s.post_state.text)
-                srows["reward"].append(s.reward)
-                srows["done"].append(s.done)
-                srows["causes"].append(causes)
-                srows["pre_shared"].append(shared)
-                srows["data"].append(data)
+            steps, m = t.steps, len(t.steps)
+            # A step's pre_state is almost always the previous post_state: store it once
+            # (halves the serialisation cost, the bottleneck of ingest); _assemble restores it.
+            shared = [False] * min(m, 1) + [
+                b.pre_state is a.post_state or b.pre_state == a.post_state for a, b in zip(steps, steps[1:])
+            ]
+            # Column-wise comprehensions and the serializer itself (model_dump_json adds ~10% per
+            # call); its bytes go to Arrow as they are.
+            srows["data"] += [
+                _STEP_JSON(s, exclude=_PRE) if sh else _STEP_JSON(s) for s, sh in zip(steps, shared)
+            ]
+            srows["pre_shared"] += shared
+            srows["trajectory_id"] += [t.id] * m
+            srows["namespace"] += [ns] * m
+            srows["idx"] += [s.index for s in steps]
+            srows["action"] += [s.action.text for s in steps]
+            srows["observation"] += [s.post_state.text for s in steps]
+            srows["reward"] += [s.reward for s in steps]
+            srows["done"] += [s.done for s in steps]
+            srows["causes"] += [s.diagnosis.cause_names() if s.diagnosis else [] for s in steps]
+            for s in steps:
                 if s.diagnosis:
                     for ce in s.diagnosis.causes:
                         for c, v in zip(_DIAG_COLS, (t.id, s.index, ns, ce.cause.value, ce.evidence)):
@@ -338,12 +373,22 @@ class ExperienceStore:
         with self.transaction():
             for ns in set(trows["namespace"]):
                 self._ensure_namespace(ns)
-            id_tbl = pa.table({"id": ids})
-            self.conn.register("_ids", id_tbl)
-            self.conn.execute("DELETE FROM steps WHERE trajectory_id IN (SELECT id FROM _ids)")
-            self.conn.execute("DELETE FROM diagnoses WHERE trajectory_id IN (SELECT id FROM _ids)")
-            self.conn.execute("DELETE FROM trajectories WHERE id IN (SELECT id FROM _ids)")
-            self.conn.unregister("_ids")
+            # Replace by id; only ids already stored cost a scan of the (large) steps table.
+            old = [
+                r[0]
+                for r in self.conn.execute(
+                    "SELECT id FROM trajectories WHERE id IN (SELECT unnest(?::VARCHAR[]))", [ids]
+                ).fetchall()
+            ]
+            if old:
+                for table, col in (
+                    ("steps", "trajectory_id"),
+                    ("diagnoses", "trajectory_id"),
+                    ("trajectories", "id"),
+                ):
+                    self.conn.execute(
+                        f"DELETE FROM {table} WHERE {col} IN (SELECT unnest(?::VARCHAR[]))", [old]
+                    )
             self._append("trajectories", pa.table(trows, schema=_TRAJ_SCHEMA))
             if srows["idx"]:
                 self._append("steps", pa.table(srows, schema=_STEP_SCHEMA))
@@ -352,11 +397,7 @@ class ExperienceStore:
         return len(ids)
 
     def _append(self, table: str, arrow: pa.Table) -> None:
-        self.conn.register("_batch", arrow)
-        try:
-            self.conn.execute(f"INSERT INTO {table} SELECT * FROM _batch")
-        finally:
-            self.conn.unregister("_batch")
+        self.conn.from_arrow(arrow).insert_into(table)
 
     def get_trajectory(self, trajectory_id: str, namespace: str | None = None) -> Trajectory:
         ns = self._ns(namespace)
@@ -423,7 +464,7 @@ class ExperienceStore:
             params += outs
         if ids is not None:
             idl = list(ids)
-            where.append("list_contains(?, id)")
+            where.append("id IN (SELECT unnest(?::VARCHAR[]))")  # a hash join, not a list scan per row
             params.append(idl)
         return " AND ".join(where), params
 
@@ -463,10 +504,15 @@ class ExperienceStore:
                 ]
                 counts[table] = len(dead)
                 if dead:
-                    self.conn.execute(f"DELETE FROM {table} WHERE list_contains(?, id)", [dead])
-                    self.conn.execute("DELETE FROM knowledge_versions WHERE list_contains(?, id)", [dead])
                     self.conn.execute(
-                        "DELETE FROM vectors WHERE kind = ? AND list_contains(?, ref_id)", [kind, dead]
+                        f"DELETE FROM {table} WHERE id IN (SELECT unnest(?::VARCHAR[]))", [dead]
+                    )
+                    self.conn.execute(
+                        "DELETE FROM knowledge_versions WHERE id IN (SELECT unnest(?::VARCHAR[]))", [dead]
+                    )
+                    self.conn.execute(
+                        "DELETE FROM vectors WHERE kind = ? AND ref_id IN (SELECT unnest(?::VARCHAR[]))",
+                        [kind, dead],
                     )
             self.conn.execute(
                 "DELETE FROM vectors WHERE kind = 'trajectory' AND ref_id = ? AND namespace = ?",
@@ -495,7 +541,7 @@ class ExperienceStore:
         rows = []
         hist = []
         for it in items:
-            ns = it.namespace or self.namespace
+            it, ns = self._own(it)
             data = it.model_dump_json()
             base = [it.id, ns, it.env]
             if isinstance(it, Skill):
@@ -514,16 +560,31 @@ class ExperienceStore:
             ]
             rows.append(base)
             hist.append([it.id, kind, it.version, ns, now, data])
+        # One row per key, the last one winning, as a sequence of single upserts would leave it.
+        rows = list({r[0]: r for r in rows}.values())
+        hist = list({(h[0], h[2]): h for h in hist}.values())
+        schema = _SKILL_SCHEMA if table == "skills" else _GUARD_SCHEMA
         with self.transaction():
             for ns in {r[1] for r in rows}:
                 self._ensure_namespace(ns)
-            ph = ",".join("?" * len(rows[0]))
-            self.conn.executemany(f"INSERT OR REPLACE INTO {table} VALUES ({ph})", rows)
-            # History keeps one row per (id, version) so any version can be rolled back to.
-            self.conn.executemany(
-                "DELETE FROM knowledge_versions WHERE id = ? AND version = ?", [[h[0], h[2]] for h in hist]
+            # Bulk delete + Arrow append: executemany costs milliseconds per row in DuckDB.
+            self.conn.execute(
+                f"DELETE FROM {table} WHERE id IN (SELECT unnest(?::VARCHAR[]))", [[r[0] for r in rows]]
             )
-            self.conn.executemany("INSERT INTO knowledge_versions VALUES (?, ?, ?, ?, ?, ?)", hist)
+            self._append(
+                table, pa.Table.from_pylist([dict(zip(schema.names, r)) for r in rows], schema=schema)
+            )
+            # History keeps one row per (id, version) so any version can be rolled back to.
+            self.conn.execute(
+                """DELETE FROM knowledge_versions k WHERE EXISTS (
+                    SELECT 1 FROM (SELECT unnest(?::VARCHAR[]) AS id, unnest(?::INTEGER[]) AS version) b
+                    WHERE b.id = k.id AND b.version = k.version)""",
+                [[h[0] for h in hist], [h[2] for h in hist]],
+            )
+            self._append(
+                "knowledge_versions",
+                pa.Table.from_pylist([dict(zip(_HIST_SCHEMA.names, h)) for h in hist], schema=_HIST_SCHEMA),
+            )
 
     def skills(
         self,
@@ -593,22 +654,19 @@ class ExperienceStore:
     def add_examples(self, examples: Sequence[TrainingExample]) -> int:
         if not examples:
             return 0
-        rows = [
-            [
-                e.id,
-                e.namespace or self.namespace,
-                e.kind.value,
-                e.provenance,
-                e.created_at,
-                e.model_dump_json(),
-            ]
-            for e in examples
-        ]
+        rows = {
+            e.id: (e.id, ns, e.kind.value, e.provenance, e.created_at, e.model_dump_json())
+            for e, ns in map(self._own, examples)
+        }  # one row per id, the last one winning
+        cols = list(zip(*rows.values()))
         with self.transaction():
-            for ns in {r[1] for r in rows}:
+            for ns in set(cols[1]):
                 self._ensure_namespace(ns)
-            self.conn.executemany("INSERT OR REPLACE INTO examples VALUES (?, ?, ?, ?, ?, ?)", rows)
-        return len(rows)
+            self.conn.execute(
+                "DELETE FROM examples WHERE id IN (SELECT unnest(?::VARCHAR[]))", [list(cols[0])]
+            )
+            self._append("examples", pa.table(dict(zip(_EXAMPLE_SCHEMA.names, cols)), schema=_EXAMPLE_SCHEMA))
+        return len(examples)
 
     def examples(self, namespace: str | None = None, *, kind: str | None = None) -> list[TrainingExample]:
         sql, params = "SELECT data FROM examples WHERE namespace = ?", [self._ns(namespace)]
@@ -646,13 +704,19 @@ class ExperienceStore:
     def retrieval_logs(
         self, namespace: str | None = None, trajectory_id: str | None = None
     ) -> list[RetrievalLog]:
-        sql, params = "SELECT * FROM retrieval_log WHERE namespace = ?", [self._ns(namespace)]
+        # Timestamps come back as epoch microseconds: DuckDB needs pytz to return TIMESTAMPTZ values.
+        sql = (
+            "SELECT id, namespace, trajectory_id, step_index, knowledge_id, kind, score, applicable, "
+            "injected, reason, outcome, epoch_us(created_at) AS created_at FROM retrieval_log WHERE namespace = ?"
+        )
+        params: list[Any] = [self._ns(namespace)]
         if trajectory_id:
             sql += " AND trajectory_id = ?"
             params.append(trajectory_id)
         cur = self.conn.execute(sql + " ORDER BY created_at, id", params)
         cols = [d[0] for d in cur.description]
-        return [RetrievalLog.model_validate(dict(zip(cols, r))) for r in cur.fetchall()]
+        rows = [dict(zip(cols, r)) for r in cur.fetchall()]
+        return [RetrievalLog.model_validate({**r, "created_at": _utc(r["created_at"])}) for r in rows]
 
     # Runs: the pipeline keeps its resumable state here.
     def upsert_run(self, run_id: str, job: dict[str, Any], status: str, namespace: str | None = None) -> None:
@@ -667,14 +731,20 @@ class ExperienceStore:
             )
 
     def runs(self, namespace: str | None = None) -> list[dict[str, Any]]:
-        sql = "SELECT id, namespace, status, job, created_at, updated_at FROM runs"
+        sql = (
+            "SELECT id, namespace, status, job, epoch_us(created_at) AS created_at, "
+            "epoch_us(updated_at) AS updated_at FROM runs"
+        )
         params: list[Any] = []
         if namespace:
             sql += " WHERE namespace = ?"
             params.append(namespace)
         cur = self.conn.execute(sql + " ORDER BY created_at", params)
         cols = [d[0] for d in cur.description]
-        return [dict(zip(cols, r)) for r in cur.fetchall()]
+        out = [dict(zip(cols, r)) for r in cur.fetchall()]
+        for r in out:
+            r["created_at"], r["updated_at"] = _utc(r["created_at"]), _utc(r["updated_at"])
+        return out
 
     def set_stage(self, run_id: str, stage: str, status: str, data: dict[str, Any] | None = None) -> None:
         with self.transaction():
@@ -685,9 +755,9 @@ class ExperienceStore:
 
     def stages(self, run_id: str) -> dict[str, dict[str, Any]]:
         rows = self.conn.execute(
-            "SELECT stage, status, data, updated_at FROM run_stages WHERE run_id = ?", [run_id]
+            "SELECT stage, status, data, epoch_us(updated_at) FROM run_stages WHERE run_id = ?", [run_id]
         ).fetchall()
-        return {r[0]: {"status": r[1], "data": json.loads(r[2]), "updated_at": r[3]} for r in rows}
+        return {r[0]: {"status": r[1], "data": json.loads(r[2]), "updated_at": _utc(r[3])} for r in rows}
 
     # ------------------------------------------------------------------ stats, export, import
     def stats(self, namespace: str | None = None) -> dict[str, Any]:
@@ -760,7 +830,7 @@ class ExperienceStore:
                     err = e.errors()[0]
                     loc = ".".join(str(x) for x in err["loc"]) or "(root)"
                     raise StoreError(
-                        f"{p}:{n}: invalid {kind[:-1]} at '{loc}': {err['msg']}; nothing imported"
+                        f"{p}:{n}: invalid {_SINGULAR[kind]} at '{loc}': {err['msg']}; nothing imported"
                     ) from None
         {
             "trajectories": self.add_trajectories,
@@ -791,10 +861,10 @@ class ExperienceStore:
         model = model or self.embedder.name
         n = len(rows)
         with self.transaction():
-            start = int(
-                self._one("SELECT min(v) FROM (SELECT nextval('vid_seq') AS v FROM range(?))", [n])[0]
-            )
-            vids = np.arange(start, start + n, dtype=np.int64)
+            # The drawn values themselves, not min()+arange: another connection may draw concurrently.
+            vids = np.sort(
+                self.conn.execute("SELECT nextval('vid_seq') AS v FROM range(?)", [n]).fetchnumpy()["v"]
+            ).astype(np.int64)
             ref_ids = [r[0] for r in rows]
             self.conn.register("_ids", pa.table({"id": ref_ids}))
             self.conn.execute(
@@ -822,13 +892,17 @@ class ExperienceStore:
     def delete_vectors(self, kind: str, ref_ids: Sequence[str]) -> None:
         with self.transaction():
             self.conn.execute(
-                "DELETE FROM vectors WHERE kind = ? AND list_contains(?, ref_id)", [kind, list(ref_ids)]
+                "DELETE FROM vectors WHERE kind = ? AND ref_id IN (SELECT unnest(?::VARCHAR[]))",
+                [kind, list(ref_ids)],
             )
         self._invalidate(kind)
 
     def _invalidate(self, kind: str | None = None) -> None:
         for k in [kind] if kind else list(self._bm25):
             self._bm25.pop(k, None)
+
+    def _generation(self) -> int:
+        return _GENERATIONS.get(self._gen_key, 0)
 
     def sync_vectors(self, kind: str) -> int:
         """Embed source rows of ``kind`` that have no (or an outdated) vector. Returns how many."""
@@ -848,7 +922,8 @@ class ExperienceStore:
         for i in range(0, len(todo), 1024):
             chunk = todo[i : i + 1024]
             self.index_texts(kind, [(r[0], r[1], r[2] or "") for r in chunk])
-        self.conn.execute("DELETE FROM vectors WHERE kind = ? AND model <> ?", [kind, model])
+        with self.transaction():
+            self.conn.execute("DELETE FROM vectors WHERE kind = ? AND model <> ?", [kind, model])
         return len(todo)
 
     def _db_index_state(self, kind: str) -> tuple[int, int, int]:
@@ -865,10 +940,15 @@ class ExperienceStore:
     def vector_index(self, kind: str, rebuild: bool = False) -> VectorIndex:
         """The FAISS index of ``kind``, loaded, extended or rebuilt so that it matches DuckDB."""
         with self._lock:
+            idx = None if rebuild else self._indexes.get(kind)
+            # Fast path: no transaction committed on this file since the index was last checked.
+            if idx is not None and self._fresh.get(kind) == self._generation():
+                return idx
             self.sync_vectors(kind)
+            gen = self._generation()
             n, mx, sm = self._db_index_state(kind)
             dim = self._dims(kind) or getattr(self._embedder, "dim", None) or 384
-            idx = None if rebuild else self._indexes.get(kind)
+            meta = self._meta.get(kind) if idx is not None else None
             path = self.index_dir / f"{kind}.index" if self.index_dir else None
             if idx is None and path is not None and not rebuild:
                 idx = VectorIndex.load(path, self.hnsw_threshold)
@@ -882,8 +962,11 @@ class ExperienceStore:
                     [kind, idx.max_vid],
                 )
                 if idx.count + int(newer[0]) == n and (idx.checksum + int(newer[1])) % (1 << 61) == sm:
-                    vids, vecs = self._load_vectors(kind, min_vid=idx.max_vid + 1)
+                    start = idx.max_vid + 1
+                    vids, vecs = self._load_vectors(kind, min_vid=start)
                     idx.add(vids, vecs)
+                    if meta is not None:
+                        meta = meta.extend(self._load_meta(kind, min_vid=start))
                     changed = True
                 else:
                     idx = None
@@ -891,16 +974,24 @@ class ExperienceStore:
                 idx = VectorIndex(dim, self.hnsw_threshold)
                 vids, vecs = self._load_vectors(kind)
                 idx.build(vids, vecs)
+                meta = None
                 changed = True
+            if meta is None or len(meta) != idx.count:
+                meta = self._load_meta(kind)
             if path is not None and (changed or not path.exists()):
                 idx.save(path)
             self._indexes[kind] = idx
+            if self._meta.get(kind) is not meta:
+                self._meta[kind] = meta
+                self._allowed.pop(kind, None)
+            self._fresh[kind] = gen
             return idx
 
     def _load_vectors(self, kind: str, min_vid: int = 0) -> tuple[np.ndarray, np.ndarray]:
-        tbl = self.conn.execute(
-            "SELECT vid, vec FROM vectors WHERE kind = ? AND vid >= ? ORDER BY vid", [kind, min_vid]
-        ).to_arrow_table()  # noqa
+        # sql(), not execute(): Arrow from a relation is not copied twice.
+        tbl = self.conn.sql(
+            "SELECT vid, vec FROM vectors WHERE kind = ? AND vid >= ? ORDER BY vid", params=[kind, min_vid]
+        ).to_arrow_table()
         vids = tbl.column("vid").to_numpy().astype(np.int64)
         if len(vids) == 0:
             return vids, np.zeros((0, self._dims(kind) or 1), dtype=np.float32)
@@ -908,40 +999,62 @@ class ExperienceStore:
         flat = col.flatten().to_numpy(zero_copy_only=False).astype(np.float32)
         return vids, flat.reshape(len(vids), -1)
 
-    def _keyword(self, kind: str) -> tuple[BM25Index, np.ndarray, np.ndarray]:
-        n, _, sm = self._db_index_state(kind)
-        cached = self._bm25.get(kind)
-        if cached and cached[0] == hash((n, sm)):
-            return cached[1], cached[2], cached[3]
-        rows = self.conn.execute(
-            "SELECT vid, text FROM vectors WHERE kind = ? ORDER BY vid", [kind]
-        ).fetchall()
-        vids = np.array([r[0] for r in rows], dtype=np.int64)
-        bm = BM25Index([r[1] or "" for r in rows])
-        order = np.argsort(vids)
-        self._bm25[kind] = (hash((n, sm)), bm, vids, order)
-        return bm, vids, order
+    def _load_meta(self, kind: str, min_vid: int = 0) -> _Meta:
+        tbl = self.conn.sql(
+            "SELECT vid, ref_id, namespace, text FROM vectors WHERE kind = ? AND vid >= ? ORDER BY vid",
+            params=[kind, min_vid],
+        ).to_arrow_table()
+        return _Meta(tbl)
 
-    def _allowed_vids(self, kind: str, ns: str, filters: dict[str, Any] | None) -> np.ndarray | None:
+    def _keyword(self, kind: str, meta: _Meta) -> BM25Index:
+        cached = self._bm25.get(kind)
+        if cached and cached[0] is meta:
+            return cached[1]
+        bm = BM25Index(meta.texts())
+        self._bm25[kind] = (meta, bm)
+        return bm
+
+    def _known_namespaces(self) -> set[str]:
+        gen = self._generation()
+        if self._ns_cache is None or self._ns_cache[0] != gen:
+            self._ns_cache = (gen, set(self.list_namespaces()))
+        return self._ns_cache[1]
+
+    def _check_namespace(self, ns: str) -> None:
+        if ns not in self._known_namespaces():
+            known = ", ".join(self.list_namespaces()) or "none"
+            raise StoreError(
+                f"unknown namespace '{ns}' (known: {known}); check the name or write to it first"
+            )
+
+    def _allowed_vids(
+        self, kind: str, ns: str, filters: dict[str, Any] | None, meta: _Meta
+    ) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """``(vids, row mask over meta or None)`` a search may return; ``(None, None)``: all rows may."""
         filters = {k: v for k, v in (filters or {}).items() if v is not None}
         bad = set(filters) - _FILTERABLE.get(kind, set())
         if bad:
             allowed = ", ".join(sorted(_FILTERABLE.get(kind, set()))) or "none"
             raise StoreError(f"cannot filter {kind} on {', '.join(sorted(bad))}; filterable: {allowed}")
+        if not filters:
+            # Namespace only: answered from the in-memory metadata, cached until the index changes.
+            per_ns = self._allowed.setdefault(kind, {})
+            if ns not in per_ns:
+                mask = meta.namespace_mask(ns)
+                per_ns[ns] = (None, None) if mask.all() else (meta.vids[mask], mask)
+            return per_ns[ns]
         where, params = ["v.kind = ?", "v.namespace = ?"], [kind, ns]
-        join = ""
-        if filters:
-            table = _SOURCES[kind][0]
-            join = f" JOIN {table} s ON s.id = v.ref_id"
-            for col, val in filters.items():
-                vals = _as_list(val.value if hasattr(val, "value") else val) or []
-                vals = [x.value if hasattr(x, "value") else x for x in vals]
-                where.append(f"s.{col} IN (" + ",".join("?" * len(vals)) + ")")
-                params += vals
+        table = _SOURCES[kind][0]
+        join = f" JOIN {table} s ON s.id = v.ref_id"
+        for col, val in filters.items():
+            vals = _as_list(val.value if hasattr(val, "value") else val) or []
+            vals = [x.value if hasattr(x, "value") else x for x in vals]
+            where.append(f"s.{col} IN (" + ",".join("?" * len(vals)) + ")")
+            params += vals
         rows = self.conn.execute(
-            f"SELECT v.vid FROM vectors v{join} WHERE {' AND '.join(where)}", params
+            f"SELECT v.vid FROM vectors v{join} WHERE {' AND '.join(where)} ORDER BY v.vid", params
         ).fetchnumpy()
-        return np.asarray(rows["vid"], dtype=np.int64)
+        return np.asarray(rows["vid"], dtype=np.int64), None  # the mask only if keyword search needs it
 
     def search(
         self,
@@ -957,57 +1070,102 @@ class ExperienceStore:
 
         ``filters`` restrict on metadata columns (status, env, signature, outcome...).
         """
-        ns = self._ns(namespace)
-        self._check_namespace(ns)
         if mode not in ("hybrid", "dense", "keyword"):
             raise StoreError(f"unknown search mode '{mode}'; use hybrid, dense or keyword")
+        q = self.embedder.embed([query])[0] if mode in ("hybrid", "dense") else None
+        return self._search(kind, k, namespace, filters, mode, q, query, rrf_k)
+
+    def search_vector(
+        self,
+        vector: np.ndarray,
+        kind: str = "skill",
+        k: int = 10,
+        namespace: str | None = None,
+        filters: dict[str, Any] | None = None,
+    ) -> list[SearchHit]:
+        """Dense search with a query vector computed elsewhere (in the space of the stored vectors)."""
+        q = np.asarray(vector, dtype=np.float32).reshape(-1)
+        return self._search(kind, k, namespace, filters, "dense", q, "", 60)
+
+    def _search(
+        self,
+        kind: str,
+        k: int,
+        namespace: str | None,
+        filters: dict[str, Any] | None,
+        mode: str,
+        q: np.ndarray | None,
+        query: str,
+        rrf_k: int,
+    ) -> list[SearchHit]:
+        ns = self._ns(namespace)
+        with self._lock:  # FAISS must not search an index that another thread is extending
+            return self._search_locked(kind, k, ns, filters, mode, q, query, rrf_k)
+
+    def _search_locked(
+        self,
+        kind: str,
+        k: int,
+        ns: str,
+        filters: dict[str, Any] | None,
+        mode: str,
+        q: np.ndarray | None,
+        query: str,
+        rrf_k: int,
+    ) -> list[SearchHit]:
+        if ns not in self._known_namespaces():
+            # Vectors written with add_vectors may name a namespace no other row has.
+            self.vector_index(kind)
+            if not self._meta[kind].has_namespace(ns):
+                self._check_namespace(ns)
         idx = self.vector_index(kind)
-        allowed = self._allowed_vids(kind, ns, filters)
-        if allowed is None or len(allowed) == 0:
+        meta = self._meta[kind]
+        allowed, mask = self._allowed_vids(kind, ns, filters, meta)
+        if allowed is not None and len(allowed) == 0:
             return []
-        depth = max(k * 4, 20)
+        depth = k if mode == "dense" else max(k * 4, 20)
         dense: list[tuple[int, float]] = []
         kw: list[tuple[int, float]] = []
-        if mode in ("hybrid", "dense"):
-            q = self.embedder.embed([query])[0]
+        if q is not None:
+            if q.shape[0] != idx.dim:
+                raise StoreError(
+                    f"the {kind} vectors are {idx.dim}-d but the query vector is {q.shape[0]}-d "
+                    f"(embedder '{getattr(self._embedder, 'name', '?')}'); search with the embedder that wrote them"
+                )
             # Namespace isolation is exact: only allowed vids can come back.
-            dense = idx.search(q, depth, allowed=allowed if len(allowed) < idx.count else None)
+            dense = idx.search(q, depth, allowed=allowed)
         if mode in ("hybrid", "keyword"):
-            bm, vids, _ = self._keyword(kind)
-            mask = np.isin(vids, allowed)
-            kw = [(int(vids[i]), s) for i, s in bm.search(query, depth, mask=mask)]
-        fused: dict[int, float] = {}
-        for lst in (dense, kw):
-            for rank, (vid, _) in enumerate(lst):
-                fused[vid] = fused.get(vid, 0.0) + 1.0 / (rrf_k + rank + 1)
+            bm = self._keyword(kind, meta)
+            if mask is None and allowed is not None:
+                mask = np.isin(meta.vids, allowed, assume_unique=True)
+            kw = [(int(meta.vids[i]), s) for i, s in bm.search(query, depth, mask=mask)]
         if mode == "dense":
-            fused = {v: s for v, s in dense}
+            fused = dict(dense)
         elif mode == "keyword":
-            fused = {v: s for v, s in kw}
+            fused = dict(kw)
+        else:
+            fused = {}
+            for lst in (dense, kw):
+                for rank, (vid, _) in enumerate(lst):
+                    fused[vid] = fused.get(vid, 0.0) + 1.0 / (rrf_k + rank + 1)
         top = sorted(fused.items(), key=lambda x: -x[1])[:k]
-        if not top:
-            return []
         dmap, kmap = dict(dense), dict(kw)
-        meta = {
-            r[0]: r[1:]
-            for r in self.conn.execute(
-                "SELECT vid, ref_id, namespace, text FROM vectors WHERE list_contains(?, vid)",
-                [[v for v, _ in top]],
-            ).fetchall()
-        }
-        return [
-            SearchHit(
-                id=meta[v][0],
-                kind=kind,
-                namespace=meta[v][1],
-                score=s,
-                text=meta[v][2] or "",
-                dense_score=dmap.get(v),
-                keyword_score=kmap.get(v),
+        hits = []
+        for (vid, score), (ref_id, hit_ns, text) in zip(top, meta.rows([v for v, _ in top])):
+            if ref_id is None:
+                continue
+            hits.append(
+                SearchHit(
+                    id=ref_id,
+                    kind=kind,
+                    namespace=hit_ns,
+                    score=score,
+                    text=text or "",
+                    dense_score=dmap.get(vid),
+                    keyword_score=kmap.get(vid),
+                )
             )
-            for v, s in top
-            if v in meta
-        ]
+        return hits
 
     def rebuild_index(self, kinds: Iterable[str] | None = None) -> dict[str, int]:
         """Re-derive the FAISS indexes from DuckDB (embedding any rows that lack vectors)."""
@@ -1019,6 +1177,54 @@ class ExperienceStore:
                 continue
             out[kind] = self.vector_index(kind, rebuild=True).count
         return out
+
+
+class _Meta:
+    """``vid, ref_id, namespace, text`` of one kind's vectors, sorted by vid, kept beside its index.
+
+    Turning FAISS hits into results and namespaces into id filters then needs no query: at 1M
+    vectors a DuckDB point lookup by vid scans the table (no index on vid) and costs ~10 ms.
+    """
+
+    def __init__(self, table: pa.Table):
+        self.table = table.combine_chunks()
+        self.vids = self.table.column("vid").to_numpy().astype(np.int64)
+        self._ns: pa.Array | None = None
+
+    def __len__(self) -> int:
+        return len(self.vids)
+
+    def extend(self, more: _Meta) -> _Meta:
+        return _Meta(pa.concat_tables([self.table, more.table]))
+
+    def texts(self) -> list[str]:
+        return [t or "" for t in self.table.column("text").to_pylist()]
+
+    def _namespaces(self) -> pa.DictionaryArray:
+        if self._ns is None:
+            self._ns = self.table.column("namespace").combine_chunks().dictionary_encode()
+        return self._ns
+
+    def has_namespace(self, ns: str) -> bool:
+        return ns in self._namespaces().dictionary.to_pylist()
+
+    def namespace_mask(self, ns: str) -> np.ndarray:
+        d = self._namespaces().dictionary.to_pylist()
+        if ns not in d:
+            return np.zeros(len(self), dtype=bool)
+        return self._namespaces().indices.to_numpy(zero_copy_only=False) == d.index(ns)
+
+    def rows(self, vids: list[int]) -> list[tuple[str | None, str, str | None]]:
+        """``(ref_id, namespace, text)`` per vid; ``ref_id`` None for a vid it does not hold."""
+        if not vids:
+            return []
+        pos = np.searchsorted(self.vids, vids)
+        pos = np.minimum(pos, len(self.vids) - 1)
+        got = self.table.take(pa.array(pos)).to_pydict()
+        return [
+            (got["ref_id"][i], got["namespace"][i], got["text"][i]) if self.vids[p] == v else (None, "", None)
+            for i, (p, v) in enumerate(zip(pos, vids))
+        ]
 
 
 class _Txn:
@@ -1047,15 +1253,26 @@ class _Txn:
         self.store._txn_depth -= 1  # type: ignore[attr-defined]
         try:
             if self.outer:
-                if exc_type is None:
-                    self.store.conn.execute("COMMIT")
-                else:
-                    self.store.conn.execute("ROLLBACK")
+                try:
+                    self.store.conn.execute("COMMIT" if exc_type is None else "ROLLBACK")
+                finally:
+                    # Tell every store on this file (in this process: DuckDB admits one writing
+                    # process) that its caches must be checked against DuckDB again. A rollback
+                    # counts too: an index may have been extended with rows that are now gone.
+                    key = self.store._gen_key
+                    _GENERATIONS[key] = _GENERATIONS.get(key, 0) + 1
         finally:
             self.store._lock.release()
 
 
 _PRE = {"pre_state"}
+_STEP_JSON = Step.__pydantic_serializer__.to_json
+_SINGULAR = {
+    "trajectories": "trajectory",
+    "skills": "skill",
+    "guardrails": "guardrail",
+    "examples": "example",
+}
 _TRAJ_COLS = [
     "id",
     "namespace",
@@ -1117,6 +1334,40 @@ _STEP_SCHEMA = pa.schema(
         ("done", pa.bool_()),
         ("causes", pa.list_(pa.string())),
         ("pre_shared", pa.bool_()),
+        ("data", pa.string()),
+    ]
+)
+_TS = pa.timestamp("us", tz="UTC")
+_KNOWLEDGE_TAIL = [
+    ("status", pa.string()),
+    ("signature", pa.string()),
+    ("version", pa.int32()),
+    ("confidence", pa.float64()),
+    ("provenance", pa.list_(pa.string())),
+    ("updated_at", _TS),
+    ("text", pa.string()),
+    ("data", pa.string()),
+]
+_HEAD = [("id", pa.string()), ("namespace", pa.string()), ("env", pa.string())]
+_SKILL_SCHEMA = pa.schema([*_HEAD, ("name", pa.string()), *_KNOWLEDGE_TAIL])
+_GUARD_SCHEMA = pa.schema([*_HEAD, ("root_cause", pa.string()), ("scope", pa.string()), *_KNOWLEDGE_TAIL])
+_HIST_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("kind", pa.string()),
+        ("version", pa.int32()),
+        ("namespace", pa.string()),
+        ("created_at", _TS),
+        ("data", pa.string()),
+    ]
+)
+_EXAMPLE_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("namespace", pa.string()),
+        ("kind", pa.string()),
+        ("provenance", pa.list_(pa.string())),
+        ("created_at", _TS),
         ("data", pa.string()),
     ]
 )

@@ -15,7 +15,9 @@ import numpy as np
 
 HNSW_THRESHOLD = 50_000
 HNSW_M = 32
-HNSW_EF_CONSTRUCTION = 64
+# FAISS default. 64 builds ~1.6x slower; on 100k clustered vectors recall@10 at efSearch 96 was
+# 0.9965 (40) vs 0.9995 (64). The build dominates the cost of a 1M-vector store.
+HNSW_EF_CONSTRUCTION = 40
 HNSW_EF_SEARCH = 96
 # Below this many allowed ids a filtered search is exact over the reconstructed vectors: a
 # selective filter starves HNSW's graph walk and would cost recall.
@@ -30,6 +32,9 @@ class VectorIndex:
         self.max_vid = -1
         self.count = 0
         self.checksum = 0
+        # Per-filter work, cached for the ``allowed`` array last passed (compared by identity).
+        self._sel: tuple[np.ndarray, faiss.IDSelector] | None = None
+        self._exact: tuple[np.ndarray, np.ndarray] | None = None
 
     # -- build
     def _new(self, n: int) -> faiss.IndexIDMap2:
@@ -75,25 +80,55 @@ class VectorIndex:
         """Top-k ``(vid, score)`` for one query vector, optionally restricted to ``allowed`` vids."""
         if self.count == 0 or k <= 0:
             return []
+        # One query has nothing to split across OpenMP threads, and on a busy machine (an LLM
+        # server beside the store) waking them costs ~10x the search. The setting is per thread.
+        before = faiss.omp_get_max_threads()
+        faiss.omp_set_num_threads(1)
+        try:
+            return self._search(q, k, allowed)
+        finally:
+            faiss.omp_set_num_threads(before)
+
+    def _search(self, q: np.ndarray, k: int, allowed: np.ndarray | None) -> list[tuple[int, float]]:
         q = np.ascontiguousarray(q, dtype=np.float32).reshape(1, -1)
         if allowed is not None:
             allowed = np.asarray(allowed, dtype=np.int64)
             if len(allowed) == 0:
                 return []
-            if len(allowed) <= EXACT_FILTER_LIMIT:
-                vecs = self.index.reconstruct_batch(allowed)
-                s = vecs @ q[0]
-                top = np.argsort(-s, kind="stable")[:k]
-                return [(int(allowed[i]), float(s[i])) for i in top]
-            sel = faiss.IDSelectorBatch(allowed)
-            if self.kind == "hnsw":
-                params = faiss.SearchParametersHNSW(sel=sel, efSearch=max(HNSW_EF_SEARCH, 4 * k))
+            hnsw = self.kind == "hnsw"
+            if hnsw and len(allowed) <= EXACT_FILTER_LIMIT:
+                # FAISS's single-threaded scan, not numpy's matmul: BLAS threads stall a busy machine.
+                scores, pos = faiss.knn(
+                    q, self._vectors_of(allowed), min(k, len(allowed)), faiss.METRIC_INNER_PRODUCT
+                )
+                return [(int(allowed[i]), float(s)) for i, s in zip(pos[0], scores[0]) if i >= 0]
+            # A flat index with an id selector is exact already, and cheaper than reconstructing.
+            sel = self._selector(allowed)
+            if hnsw:
+                # The graph walk must see ~1/selectivity more nodes to fill its beam with allowed
+                # ones: 10% of 100k clustered vectors gives recall@10 0.92 at efSearch 96, 0.98 at 300.
+                ef = max(HNSW_EF_SEARCH, 4 * k)
+                ef = int(min(max(ef, 1024), ef * np.sqrt(self.count / len(allowed))))
+                params = faiss.SearchParametersHNSW(sel=sel, efSearch=ef)
             else:
                 params = faiss.SearchParameters(sel=sel)
             scores, ids = self.index.search(q, min(k, len(allowed)), params=params)
         else:
             scores, ids = self.index.search(q, min(k, self.count))
         return [(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if i >= 0]
+
+    def _selector(self, allowed: np.ndarray) -> faiss.IDSelector:
+        # Building the id set costs O(len(allowed)); a caller that passes the same array again
+        # (the store caches one per namespace) reuses it.
+        if self._sel is None or self._sel[0] is not allowed:
+            self._sel = (allowed, faiss.IDSelectorBatch(allowed))
+        return self._sel[1]
+
+    def _vectors_of(self, allowed: np.ndarray) -> np.ndarray:
+        # Vectors of a vid never change (a replaced row gets a new vid), so this cache stays valid.
+        if self._exact is None or self._exact[0] is not allowed:
+            self._exact = (allowed, self.index.reconstruct_batch(allowed))
+        return self._exact[1]
 
     def search_batch(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         q = np.ascontiguousarray(q, dtype=np.float32)

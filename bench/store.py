@@ -1,0 +1,532 @@
+"""ExperienceStore benchmark: ingest throughput, dense search latency/recall, filtered search, vs LangGraph.
+
+    python bench/store.py                      # 10k / 100k / 1M vectors (1M needs ~10 GB RAM, ~10 min)
+    python bench/store.py --quick              # 10k vectors, small ingest: a smoke run (~1 min)
+    python bench/store.py --sizes 10000,100000 --md store.md
+
+Sections
+--------
+ingest     TextWorld-like trajectories (10-40 steps, ~300-char observations, 10-30 admissible
+           actions, a diagnosis on some steps) written with ``add_trajectories`` in batches, vs
+           naive writers of the same trajectories: one ``add_trajectories`` call (transaction) per
+           trajectory, and row-by-row ``executemany`` INSERTs of the same rows (same serialisation).
+dense      384-d embedding-like vectors (a two-level mixture of Gaussians, see ``Mixture``; ``--hard``
+           for isotropic clusters), L2-normalised, stored with
+           ``store.add_vectors``; index build time (FAISS only, and end to end: read from DuckDB,
+           build, save); top-10 latency p50/p99 through ``store.search_vector`` (the store's public
+           path: freshness check, namespace filter, hit metadata) and recall@10 against exact
+           brute force on the same vectors.
+filtered   The 100k vectors spread over 2 and over 10 namespaces; searched within one namespace
+           (exactness of isolation is tested in tests/test_store.py; here: latency and recall
+           against brute force restricted to that namespace).
+langgraph  LangGraph ``InMemoryStore`` holding the same 100k vectors (its embed function is a dict
+           lookup of the precomputed vectors, so only search is timed) vs ``search_vector`` with the
+           same query vectors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _table import print_table  # noqa: E402
+
+from evolve.schema import (  # noqa: E402
+    Action,
+    CauseEvidence,
+    Diagnosis,
+    EnvState,
+    FailureCause,
+    Observation,
+    Outcome,
+    StateDiff,
+    Step,
+    Timings,
+    TokenUsage,
+    Trajectory,
+)
+from evolve.stores import ExperienceStore, HashingEmbedder  # noqa: E402
+from evolve.stores import vector_index as vi  # noqa: E402
+
+DIM = 384
+ROOMS = [
+    "kitchen",
+    "pantry",
+    "living room",
+    "bedroom",
+    "bathroom",
+    "garden",
+    "shed",
+    "corridor",
+    "cellar",
+    "attic",
+]
+THINGS = [
+    "apple", "knife", "red key", "blue key", "carrot", "cookbook", "lamp", "wooden chest", "fridge", "oven",
+    "table", "counter", "sofa", "bed", "toolbox", "shovel", "bucket", "towel", "bar of soap", "mirror",
+    "potato", "onion", "stove", "shelf", "rusty lock", "glass jar", "parcel", "map",
+]  # fmt: skip
+VERBS = ["take", "drop", "open", "close", "examine", "eat", "slice", "cook", "put", "unlock"]
+
+
+# --------------------------------------------------------------------------- synthetic episodes
+
+
+def _observation(
+    rng: np.random.Generator, room: str, inv: list[str], score: float, moves: int
+) -> Observation:
+    vis = [str(x) for x in rng.choice(THINGS, size=6, replace=False)]
+    exit_dir = str(rng.choice(["north", "south", "east", "west"]))
+    text = (
+        f"-= {room.title()} =-\nYou are in a {room}. An ordinary kind of place, with the usual furniture and a "
+        f"faint smell of dust. You can see a {vis[0]}, a {vis[1]} and a {vis[2]} here. On the {vis[3]} you "
+        f"make out a {vis[4]}. There is an exit to the {exit_dir} leading to the {rng.choice(ROOMS)}. "
+        f"You are carrying: {', '.join(inv) or 'nothing'}."
+    )
+    n_adm = int(rng.integers(10, 31))
+    adm = [f"{v} {t}" for v in VERBS for t in vis]
+    adm = [str(a) for a in rng.choice(adm, size=n_adm - 3, replace=False)] + [
+        "look",
+        "inventory",
+        f"go {exit_dir}",
+    ]
+    facts = [f"at(P, {room})"] + [f"in({t}, {room})" for t in vis[:4]] + [f"in({t}, I)" for t in inv]
+    return Observation(
+        text=text,
+        goal="Cook the carrot with the stove, then eat it.",
+        state=EnvState(
+            location=room,
+            inventory=list(inv),
+            visible=vis,
+            score=score,
+            max_score=5,
+            moves=moves,
+            facts=facts,
+        ),
+        admissible_actions=adm,
+        reward=0.0,
+    )
+
+
+def textworld_trajectories(n: int, seed: int = 0, namespace: str = "default") -> list[Trajectory]:
+    """``n`` episodes of 10-40 steps, chained the way the recorder writes them (pre = previous post)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for e in range(n):
+        room, inv, score = str(rng.choice(ROOMS)), [], 0.0
+        obs = _observation(rng, room, inv, score, 0)
+        steps = []
+        for i in range(int(rng.integers(10, 41))):
+            act = str(rng.choice(obs.admissible_actions))
+            if act.startswith("take") and len(inv) < 4:
+                inv = [*inv, act[5:]]
+            if act.startswith("go"):
+                room = str(rng.choice(ROOMS))
+            reward = float(rng.random() < 0.08)
+            score += reward
+            post = _observation(rng, room, inv, score, i + 1)
+            diag = None
+            if rng.random() < 0.3:
+                diag = Diagnosis(
+                    step_index=i,
+                    diff=StateDiff(location_from=obs.state.location, location_to=room),
+                    causes=[CauseEvidence(cause=FailureCause.no_effect, evidence=f"'{act}' changed nothing")],
+                    steps_since_progress=int(rng.integers(0, 6)),
+                    stagnating=bool(rng.random() < 0.2),
+                )
+            steps.append(
+                Step(
+                    index=i,
+                    pre_state=obs,
+                    action=Action(text=act, thought="The carrot must be somewhere; keep looking."),
+                    post_state=post,
+                    reward=reward,
+                    done=False,
+                    diagnosis=diag,
+                    timings=Timings(policy_s=0.8, env_s=0.012, total_s=0.812),
+                    usage=TokenUsage(prompt_tokens=900, completion_tokens=12),
+                )
+            )
+            obs = post
+        out.append(
+            Trajectory(
+                id=f"traj-{seed}-{e}",
+                namespace=namespace,
+                task_id=f"tw-cooking-{e % 50}",
+                env="textworld",
+                goal="Cook the carrot with the stove, then eat it.",
+                policy="gpt-4o-mini",
+                outcome=Outcome.success if score >= 1 else Outcome.failure,
+                score=score,
+                max_score=5,
+                steps=steps,
+                seed=e,
+            )
+        )
+    return out
+
+
+def bench_ingest(workdir: Path, n_traj: int, batch: int, n_naive: int, n_rows: int) -> list[list[object]]:
+    trajs = textworld_trajectories(n_traj)
+    n_steps = sum(len(t.steps) for t in trajs)
+    rows: list[list[object]] = []
+
+    def fresh(name: str) -> ExperienceStore:
+        p = workdir / f"{name}.duckdb"
+        for f in (p, Path(str(p) + ".wal")):
+            f.unlink(missing_ok=True)
+        return ExperienceStore(p, embedder=HashingEmbedder(64))
+
+    w = fresh("warm-up")  # first calls import lazily loaded modules: not part of the rate
+    w.add_trajectories(textworld_trajectories(5, seed=1))
+    w.close()
+    s = fresh("ingest-batched")
+    t0 = time.perf_counter()
+    for i in range(0, len(trajs), batch):
+        s.add_trajectories(trajs[i : i + batch])
+    s.conn.execute("CHECKPOINT")  # what is left in the WAL is part of the cost
+    dt = time.perf_counter() - t0
+    assert s.count_trajectories() == n_traj
+    s.close()
+    rows.append([f"add_trajectories, {batch} episodes per call", n_steps, dt, n_steps / dt])
+
+    sub = trajs[:n_naive]
+    n_sub = sum(len(t.steps) for t in sub)
+    s = fresh("ingest-per-call")
+    t0 = time.perf_counter()
+    for t in sub:
+        s.add_trajectories([t])
+    s.conn.execute("CHECKPOINT")
+    dt = time.perf_counter() - t0
+    s.close()
+    rows.append(["add_trajectories, 1 episode per call", n_sub, dt, n_sub / dt])
+
+    # Row by row: the same serialisation, then one parameterised INSERT per row (executemany).
+    s = fresh("ingest-executemany")
+    sub, have = [], 0
+    for t in trajs:
+        if have >= n_rows:
+            break
+        sub.append(t)
+        have += len(t.steps)
+    t0 = time.perf_counter()
+    with s.transaction():
+        for t in sub:
+            s.conn.execute(
+                "INSERT INTO trajectories VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                [t.id, t.namespace, t.run_id, t.task_id, t.env, t.split.value, t.policy, t.arm,
+                 t.outcome.value, t.score, t.max_score, len(t.steps), t.seed, t.created_at, t.goal,
+                 t.model_dump_json(exclude={"steps"})],
+            )  # fmt: skip
+            s.conn.executemany(
+                "INSERT INTO steps VALUES (?,?,?,?,?,?,?,?,?,?)",
+                [
+                    [t.id, st.index, t.namespace, st.action.text, st.post_state.text, st.reward, st.done,
+                     st.diagnosis.cause_names() if st.diagnosis else [], j > 0,
+                     st.model_dump_json(exclude={"pre_state"} if j else None)]
+                    for j, st in enumerate(t.steps)
+                ],
+            )  # fmt: skip
+    s.conn.execute("CHECKPOINT")
+    dt = time.perf_counter() - t0
+    s.close()
+    rows.append(["row-by-row INSERT (duckdb executemany)", have, dt, have / dt])
+    return rows
+
+
+# --------------------------------------------------------------------------- vectors
+
+
+class Mixture:
+    """Embedding-like vectors: a two-level mixture of Gaussians, L2-normalised, float32.
+
+    ``topics`` broad clusters, each holding sub-clusters of ~``per_sub`` points (paraphrases,
+    near-duplicates): a point's nearest neighbours are its sub-cluster (cosine ~0.8-0.9), then its
+    topic (~0.45), then everything else (~0). With ``hard=True`` there are no sub-clusters: 1000
+    isotropic clusters in which all of a cluster's points are nearly equidistant, a worst case for
+    graph indexes that real text embeddings (low intrinsic dimension) do not look like.
+    """
+
+    def __init__(self, n: int, seed: int = 0, topics: int = 1000, per_sub: int = 10, hard: bool = False):
+        rng = np.random.default_rng(seed)
+        self.hard = hard
+        topic = rng.standard_normal((topics, DIM), dtype=np.float32)
+        if hard:
+            self.centers = topic / np.linalg.norm(topic, axis=1, keepdims=True)
+            self.spread = 0.6
+        else:
+            topic /= np.sqrt(DIM)
+            n_sub = max(1, n // per_sub)
+            self.centers = topic[rng.integers(0, topics, n_sub)]
+            self.centers += 0.6 * rng.standard_normal((n_sub, DIM), dtype=np.float32) / np.sqrt(DIM)
+            self.spread = 0.4
+
+    def sample(self, n: int, seed: int) -> np.ndarray:
+        rng = np.random.default_rng(seed)
+        out = np.empty((n, DIM), dtype=np.float32)
+        for a in range(0, n, 100_000):
+            m = min(100_000, n - a)
+            x = self.centers[rng.integers(0, len(self.centers), m)]
+            x += self.spread * rng.standard_normal((m, DIM), dtype=np.float32) / np.sqrt(DIM)
+            out[a : a + m] = x / np.linalg.norm(x, axis=1, keepdims=True)
+        return out
+
+
+def exact_topk(x: np.ndarray, q: np.ndarray, k: int) -> np.ndarray:
+    """Row indices of the exact top-k inner products (brute force, in blocks)."""
+    out = np.empty((len(q), k), dtype=np.int64)
+    for a in range(0, len(q), 64):
+        s = q[a : a + 64] @ x.T
+        part = np.argpartition(-s, k, axis=1)[:, :k]
+        order = np.argsort(-np.take_along_axis(s, part, axis=1), axis=1)
+        out[a : a + 64] = np.take_along_axis(part, order, axis=1)
+    return out
+
+
+def timed(fn: Callable[[int], list[str]], n: int) -> tuple[np.ndarray, list[list[str]]]:
+    """Latencies in ms of ``fn(i)`` for i < n (after a short warm-up), and what it returned."""
+    for i in range(min(5, n)):
+        fn(i)
+    lat, res = [], []
+    for i in range(n):
+        t0 = time.perf_counter()
+        r = fn(i)
+        lat.append(time.perf_counter() - t0)
+        res.append(r)
+    return np.array(lat) * 1e3, res
+
+
+def recall(got: list[list[str]], truth: list[set[str]]) -> float:
+    return float(np.mean([len(set(g) & t) / len(t) for g, t in zip(got, truth)]))
+
+
+def load_store(
+    path: Path, ids: list[str], namespaces: list[str], x: np.ndarray
+) -> tuple[ExperienceStore, float]:
+    for f in (path, Path(str(path) + ".wal")):
+        f.unlink(missing_ok=True)
+    shutil.rmtree(str(path) + ".index", ignore_errors=True)
+    s = ExperienceStore(path, embedder=HashingEmbedder(DIM))
+    t0 = time.perf_counter()
+    for a in range(0, len(ids), 100_000):
+        b = a + 100_000
+        s.add_vectors("bench", list(zip(ids[a:b], namespaces[a:b], ids[a:b])), x[a:b], model="synthetic")
+    return s, time.perf_counter() - t0
+
+
+def build_index(s: ExperienceStore) -> tuple[float, float, str]:
+    """(seconds end to end, seconds inside FAISS, index kind) for the first search-ready index."""
+    faiss_s = []
+    real = vi.VectorIndex.build
+
+    def spy(self: vi.VectorIndex, vids: np.ndarray, vecs: np.ndarray) -> None:
+        t0 = time.perf_counter()
+        real(self, vids, vecs)
+        faiss_s.append(time.perf_counter() - t0)
+
+    vi.VectorIndex.build = spy  # type: ignore[method-assign]
+    try:
+        t0 = time.perf_counter()
+        idx = s.vector_index("bench")
+        total = time.perf_counter() - t0
+    finally:
+        vi.VectorIndex.build = real  # type: ignore[method-assign]
+    return total, sum(faiss_s), idx.kind
+
+
+def bench_dense(workdir: Path, sizes: list[int], n_queries: int, hard: bool) -> list[list[object]]:
+    rows: list[list[object]] = []
+    for n in sizes:
+        mix = Mixture(n, hard=hard)
+        x, queries = mix.sample(n, 1), mix.sample(n_queries, 2)
+        ids = [f"v{i}" for i in range(n)]
+        s, t_insert = load_store(workdir / f"dense-{n}.duckdb", ids, ["default"] * n, x)
+        t_build, t_faiss, kind = build_index(s)
+        truth = [{ids[j] for j in row} for row in exact_topk(x, queries, 10)]
+        lat, got = timed(
+            lambda i, s=s, q=queries: [h.id for h in s.search_vector(q[i], "bench", k=10)], n_queries
+        )
+        rows.append(
+            [f"{n:,}", kind, n / t_insert, t_faiss, t_build, np.percentile(lat, 50), np.percentile(lat, 99),
+             recall(got, truth)]
+        )  # fmt: skip
+        print(f"  dense {n:,}: {rows[-1]}", flush=True)
+        s.close()
+        del x, s, ids, truth
+        gc.collect()
+    return rows
+
+
+def bench_filtered_and_langgraph(
+    workdir: Path, n: int, n_queries: int, n_lg_queries: int, hard: bool, langgraph: bool
+) -> tuple[list[list[object]], list[list[object]]]:
+    mix = Mixture(n, seed=7, hard=hard)
+    x, queries = mix.sample(n, 1), mix.sample(n_queries, 2)
+    ids = [f"v{i}" for i in range(n)]
+    filt: list[list[object]] = []
+    for n_ns in (2, 10):
+        namespaces = [f"tenant-{i % n_ns}" for i in range(n)]
+        s, _ = load_store(workdir / f"filtered-{n_ns}.duckdb", ids, namespaces, x)
+        build_index(s)
+        mine = np.flatnonzero(np.array([ns == "tenant-0" for ns in namespaces]))
+        truth = [{ids[mine[j]] for j in row} for row in exact_topk(x[mine], queries, 10)]
+        lat, got = timed(
+            lambda i, s=s: [h.id for h in s.search_vector(queries[i], "bench", k=10, namespace="tenant-0")],
+            n_queries,
+        )
+        filt.append([f"{n:,}", f"1 of {n_ns} ({len(mine):,} vectors)", np.percentile(lat, 50),
+                     np.percentile(lat, 99), recall(got, truth)])  # fmt: skip
+        print(f"  filtered: {filt[-1]}", flush=True)
+        s.close()
+
+    lg_rows: list[list[object]] = []
+    if not langgraph:
+        return filt, lg_rows
+    from langgraph.store.memory import InMemoryStore
+
+    s, _ = load_store(workdir / "langgraph-ours.duckdb", ids, ["default"] * n, x)
+    build_index(s)
+    qtexts = [f"query {i}" for i in range(len(queries))]
+    lookup = {t: x[i] for i, t in enumerate(ids)} | {t: queries[i] for i, t in enumerate(qtexts)}
+
+    def embed(texts: list[str]) -> list[np.ndarray]:
+        return [lookup[t] for t in texts]  # precomputed: only search is timed
+
+    lg = InMemoryStore(index={"dims": DIM, "embed": embed, "fields": ["text"]})
+    t0 = time.perf_counter()
+    for a in range(0, n, 10_000):
+        lg.batch(_puts(ids[a : a + 10_000]))
+    t_put = time.perf_counter() - t0
+    truth = [{ids[j] for j in row} for row in exact_topk(x, queries[:n_lg_queries], 10)]
+    lat_lg, got_lg = timed(
+        lambda i: [it.key for it in lg.search(("docs",), query=qtexts[i], limit=10)], n_lg_queries
+    )
+    lat_us, got_us = timed(lambda i: [h.id for h in s.search_vector(queries[i], "bench", k=10)], n_lg_queries)
+    lg_rows.append(["LangGraph InMemoryStore (exact, numpy)", f"{n:,}", n / t_put, np.percentile(lat_lg, 50),
+                    np.percentile(lat_lg, 99), recall(got_lg, truth), 1.0])  # fmt: skip
+    lg_rows.append(["ExperienceStore.search_vector", f"{n:,}", None, np.percentile(lat_us, 50),
+                    np.percentile(lat_us, 99), recall(got_us, truth),
+                    float(np.percentile(lat_lg, 50) / np.percentile(lat_us, 50))])  # fmt: skip
+    s.close()
+    return filt, lg_rows
+
+
+def _puts(keys: list[str]) -> list[object]:
+    from langgraph.store.base import PutOp
+
+    return [PutOp(("docs",), k, {"text": k}) for k in keys]
+
+
+def machine() -> str:
+    cpu = "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    load = os.getloadavg() if hasattr(os, "getloadavg") else ("?",)
+    return (
+        f"{os.cpu_count()} cores ({cpu}), {platform.python_version()}, load average at start "
+        f"{', '.join(f'{x:.2f}' for x in load)}"
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="10000,100000,1000000", help="comma-separated vector counts")
+    ap.add_argument("--quick", action="store_true", help="10k vectors, small ingest, no 100k sections")
+    ap.add_argument("--queries", type=int, default=500)
+    ap.add_argument(
+        "--episodes", type=int, default=2400, help="episodes for the batched ingest (~25 steps each)"
+    )
+    ap.add_argument("--batch", type=int, default=500, help="episodes per add_trajectories call")
+    ap.add_argument("--no-langgraph", action="store_true")
+    ap.add_argument("--hard", action="store_true", help="isotropic clusters, no sub-clusters (see Mixture)")
+    ap.add_argument("--no-ingest", action="store_true")
+    ap.add_argument("--md", type=Path, help="also write the markdown tables to this file")
+    ap.add_argument("--workdir", type=Path, help="where the stores go (default: a temporary directory)")
+    args = ap.parse_args(argv)
+    sizes = [10_000] if args.quick else [int(x) for x in args.sizes.split(",") if x]
+    n_episodes = 300 if args.quick else args.episodes
+    n_queries = 100 if args.quick else args.queries
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="evolve-bench-store-"))
+    work.mkdir(parents=True, exist_ok=True)
+    header = f"Machine: {machine()}"
+    print(header, flush=True)
+    md = [header]
+    try:
+        if not args.no_ingest:
+            ingest = bench_ingest(work, n_episodes, args.batch, n_naive=min(200, n_episodes), n_rows=2000)
+            md.append(
+                print_table(
+                    "Ingest (TextWorld-like steps: ~300-char observations, 10-30 admissible actions)",
+                    ["writer", "steps", "seconds", "steps/s"],
+                    ingest,
+                    caption="Target: >= 50k steps/s batched.",
+                )
+            )
+        dense = bench_dense(work, sizes, n_queries, args.hard)
+        md.append(
+            print_table(
+                f"Dense top-10 search, {DIM}-d {'isotropic' if args.hard else 'two-level'} mixture, {n_queries} queries",
+                [
+                    "vectors",
+                    "index",
+                    "insert vec/s",
+                    "FAISS build s",
+                    "build end-to-end s",
+                    "p50 ms",
+                    "p99 ms",
+                    "recall@10",
+                ],
+                dense,
+                caption=f"HNSW M={vi.HNSW_M}, efConstruction={vi.HNSW_EF_CONSTRUCTION}, efSearch={vi.HNSW_EF_SEARCH}; "
+                "flat below the threshold. Latency through store.search_vector. Target at 1M: p50 <= 5 ms, "
+                "recall@10 >= 0.95.",
+            )  # fmt: skip
+        )
+        n_mid = 100_000 if not args.quick else 10_000
+        filt, lg = bench_filtered_and_langgraph(
+            work, n_mid, n_queries, min(50, n_queries), args.hard, langgraph=not args.no_langgraph
+        )
+        md.append(
+            print_table(
+                "Namespace-filtered top-10 search",
+                ["vectors", "namespace", "p50 ms", "p99 ms", "recall@10"],
+                filt,
+            )
+        )
+        if lg:
+            md.append(
+                print_table(
+                    "vs LangGraph InMemoryStore (same vectors, same query vectors)",
+                    ["store", "vectors", "put items/s", "p50 ms", "p99 ms", "recall@10", "speed-up (p50)"],
+                    lg,
+                    caption="Target: >= 10x InMemoryStore at 100k.",
+                )
+            )
+    finally:
+        if not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+    text = "\n\n".join(md) + "\n"
+    if args.md:
+        args.md.write_text(text)
+    print("\n" + text)
+
+
+if __name__ == "__main__":
+    main()

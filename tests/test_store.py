@@ -1,0 +1,952 @@
+"""ExperienceStore on real DuckDB files and real FAISS indexes (HashingEmbedder unless MiniLM is the point)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from evolve.errors import EmbedderError, StoreError
+from evolve.schema import (
+    SCHEMA_VERSION,
+    Action,
+    ActionSource,
+    CauseEvidence,
+    Diagnosis,
+    EnvState,
+    ExampleKind,
+    FailureCause,
+    Guardrail,
+    GuardrailScope,
+    KnowledgeStats,
+    KnowledgeStatus,
+    Observation,
+    Outcome,
+    RetrievalLog,
+    Skill,
+    StateDiff,
+    Step,
+    Timings,
+    TokenUsage,
+    TrainingExample,
+    Trajectory,
+)
+from evolve.stores import ExperienceStore, HashingEmbedder, SentenceTransformerEmbedder, make_embedder
+from evolve.stores import vector_index as vi
+
+ROOMS = ["kitchen", "pantry", "garden", "cellar", "attic", "bedroom"]
+OBJECTS = ["apple", "knife", "red key", "lamp", "chest", "fridge", "carrot", "shovel", "towel", "book"]
+WORDS = ROOMS + OBJECTS + ["open", "take", "drop", "cook", "slice", "unlock", "door", "north", "eat"]
+
+
+def observation(rng: np.random.Generator, room: str, inv: list[str], score: float, moves: int) -> Observation:
+    vis = [str(x) for x in rng.choice(OBJECTS, size=3, replace=False)]
+    text = f"-= {room.title()} =- You are in the {room}. You see a {vis[0]}, a {vis[1]} and a {vis[2]}."
+    return Observation(
+        text=text,
+        goal="cook the apple",
+        state=EnvState(
+            location=room,
+            inventory=list(inv),
+            visible=vis,
+            score=score,
+            max_score=3.0,
+            moves=moves,
+            facts=[f"at(P, {room})"] + [f"in({o}, I)" for o in inv],
+        ),
+        admissible_actions=[f"take {o}" for o in vis] + ["look", "inventory", "go north"],
+        info={"moves": moves, "nested": {"k": [1, 2.5, None]}},
+    )
+
+
+def make_traj(
+    seed: int,
+    n_steps: int = 5,
+    namespace: str = "default",
+    env: str = "textworld",
+    outcome: Outcome = Outcome.success,
+    **kw: object,
+) -> Trajectory:
+    """A TextWorld-like episode whose steps chain pre_state = previous post_state (as a recorder writes)."""
+    rng = np.random.default_rng(seed)
+    room, inv, score = str(rng.choice(ROOMS)), [], 0.0
+    pre = observation(rng, room, inv, score, 0)
+    steps = []
+    for i in range(n_steps):
+        act = str(rng.choice(pre.admissible_actions))
+        if act.startswith("take"):
+            inv = [*inv, act[5:]]
+        if rng.random() < 0.3:
+            room = str(rng.choice(ROOMS))
+        post = observation(rng, room, inv, score, i + 1)
+        diag = None
+        if i % 2:
+            diag = Diagnosis(
+                step_index=i,
+                diff=StateDiff(location_from="kitchen", location_to=room, inventory_added=inv[-1:]),
+                causes=[CauseEvidence(cause=FailureCause.no_effect, evidence=f"nothing changed at {i}")],
+                stagnating=True,
+            )
+        steps.append(
+            Step(
+                index=i,
+                pre_state=pre,
+                action=Action(text=act, thought="try it", source=ActionSource.policy, raw=f"> {act}"),
+                post_state=post,
+                reward=0.5 * (i % 3 == 0),
+                done=i == n_steps - 1,
+                diagnosis=diag,
+                timings=Timings(policy_s=0.125, env_s=0.01, total_s=0.135),
+                usage=TokenUsage(prompt_tokens=100 + i, completion_tokens=7, cost_usd=1e-5),
+                retrieved=["skill-x"] if i == 0 else [],
+            )
+        )
+        pre = post
+    fields: dict[str, object] = {
+        "id": f"traj-{seed}",
+        "namespace": namespace,
+        "task_id": f"task-{seed % 7}",
+        "env": env,
+        "goal": f"cook the apple in the {room}",
+        "policy": "oracle",
+        "outcome": outcome,
+        "score": float(seed % 4),
+        "max_score": 3.0,
+        "steps": steps,
+        "seed": seed,
+        "metadata": {"summary": f"episode {seed} in the {room}", "tags": ["a", "b"]},
+    }
+    fields.update(kw)
+    return Trajectory(**fields)  # type: ignore[arg-type]
+
+
+def make_skill(i: int, namespace: str = "default", **kw: object) -> Skill:
+    obj = OBJECTS[i % len(OBJECTS)]
+    fields: dict[str, object] = {
+        "id": f"skill-{namespace}-{i}",
+        "namespace": namespace,
+        "env": "textworld",
+        "name": f"get the {obj}",
+        "description": f"find and take the {obj} from the {ROOMS[i % len(ROOMS)]}",
+        "preconditions": [f"at(P, {ROOMS[i % len(ROOMS)]})"],
+        "steps": [f"go to {{room}} #{i}", f"take {obj}"],
+        "slots": {"room": ROOMS[:2]},
+        "verification": [f"in({obj}, I)"],
+        "signature": f"sig{i % 3}",
+        "tags": ["cooking"],
+        "stats": KnowledgeStats(uses=3, successes=2, failures=1, effect=0.25),
+        "provenance": [f"traj-{i}"],
+    }
+    fields.update(kw)
+    return Skill(**fields)  # type: ignore[arg-type]
+
+
+def make_guardrail(i: int, namespace: str = "default", **kw: object) -> Guardrail:
+    fields: dict[str, object] = {
+        "id": f"guard-{namespace}-{i}",
+        "namespace": namespace,
+        "env": "textworld",
+        "root_cause": FailureCause.precondition_unmet,
+        "description": f"the door {i} is locked without the key",
+        "trigger": ["not in(red key, I)"],
+        "forbidden_action": r"go north|open door",
+        "scope": GuardrailScope.subgoal,
+        "task_pattern": "cook.*",
+        "provenance": [f"traj-{i}"],
+    }
+    fields.update(kw)
+    return Guardrail(**fields)  # type: ignore[arg-type]
+
+
+def make_example(i: int, namespace: str = "default", **kw: object) -> TrainingExample:
+    fields: dict[str, object] = {
+        "id": f"ex-{namespace}-{i}",
+        "namespace": namespace,
+        "kind": ExampleKind.sft,
+        "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "take apple"}],
+        "chosen": "take apple",
+        "privileged_context": "gold: take apple",
+        "labels": [1.0, 0.0],
+        "weight": 0.5,
+        "provenance": [f"traj-{i}"],
+        "metadata": {"n": i},
+    }
+    fields.update(kw)
+    return TrainingExample(**fields)  # type: ignore[arg-type]
+
+
+def open_store(path: Path, dim: int = 64, **kw: object) -> ExperienceStore:
+    return ExperienceStore(path, embedder=HashingEmbedder(dim), **kw)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[ExperienceStore]:
+    s = open_store(tmp_path / "store.duckdb")
+    yield s
+    s.close()
+
+
+def one_line_error(exc: pytest.ExceptionInfo[BaseException]) -> str:
+    msg = str(exc.value)
+    assert msg and "\n" not in msg, msg
+    assert "Traceback" not in msg
+    return msg
+
+
+def count(s: ExperienceStore, sql: str, params: list[object] | None = None) -> int:
+    return int(s.conn.execute(sql, params or []).fetchall()[0][0])
+
+
+# --------------------------------------------------------------------------- round trips
+
+
+def test_every_model_round_trips_exactly(tmp_path: Path) -> None:
+    path = tmp_path / "store.duckdb"
+    traj = make_traj(1, n_steps=6)
+    # A pre_state that is *not* the previous post_state must survive too (it is stored in full).
+    traj.steps[3] = traj.steps[3].model_copy(
+        update={"pre_state": observation(np.random.default_rng(9), "attic", [], 0, 0)}
+    )
+    traj.diagnosis = Diagnosis(
+        step_index=-1,
+        causes=[CauseEvidence(cause=FailureCause.loop, evidence="looped look/look")],
+        root_cause="no key",
+        source="llm",
+    )
+    bare = Trajectory(id="traj-bare", task_id="t", env="crafter")  # no steps, defaults only
+    skill, guard = make_skill(1), make_guardrail(2, status=KnowledgeStatus.active)
+    examples = [
+        make_example(1),
+        make_example(2, kind=ExampleKind.preference, chosen="a", rejected="b"),
+        make_example(3, kind=ExampleKind.reranker, query="q", documents=["d1", "d2"], labels=[0.9, 0.1]),
+        make_example(4, kind=ExampleKind.privileged),
+    ]
+    with open_store(path) as s:
+        s.add_trajectories([traj, bare])
+        s.upsert_skills([skill])
+        s.upsert_guardrails([guard])
+        s.add_examples(examples)
+        assert s.get_trajectory(traj.id) == traj
+    # ...and again from the file, in a fresh process-level connection.
+    with open_store(path) as s:
+        assert s.get_trajectory(traj.id) == traj
+        assert s.get_trajectory("traj-bare") == bare
+        assert sorted(s.trajectories(), key=lambda t: t.id) == sorted([traj, bare], key=lambda t: t.id)
+        assert s.skills() == [skill]
+        assert s.guardrails() == [guard]
+        assert s.get_knowledge(skill.id) == skill
+        assert s.get_knowledge(guard.id) == guard
+        assert s.examples() == sorted(examples, key=lambda e: e.id)
+        # JSONL export -> import into another store is exact as well.
+        for kind in ("trajectories", "skills", "guardrails", "examples"):
+            assert s.export_jsonl(tmp_path / f"{kind}.jsonl", kind) > 0
+    with open_store(tmp_path / "other.duckdb") as o:
+        for kind in ("trajectories", "skills", "guardrails", "examples"):
+            o.import_jsonl(tmp_path / f"{kind}.jsonl", kind)
+        assert o.get_trajectory(traj.id) == traj
+        assert o.skills() == [skill] and o.guardrails() == [guard]
+        assert o.examples() == sorted(examples, key=lambda e: e.id)
+
+
+def test_runs_stages_and_retrieval_logs_round_trip(store: ExperienceStore) -> None:
+    logs = [
+        RetrievalLog(
+            trajectory_id="traj-1",
+            step_index=i,
+            knowledge_id=f"skill-{i}",
+            kind="skill",
+            score=0.5 + i,
+            applicable=bool(i % 2),
+            injected=True,
+            reason="matched",
+            outcome=None if i else "success",
+        )  # fmt: skip
+        for i in range(3)
+    ]
+    store.log_retrievals(logs)
+    assert store.retrieval_logs() == logs
+    assert store.retrieval_logs(trajectory_id="traj-2") == []
+    t0 = datetime.now(timezone.utc)
+    store.upsert_run("run-1", {"stages": ["collect"], "n": 2}, "running")
+    store.upsert_run("run-1", {"stages": ["collect"], "n": 3}, "done")
+    store.set_stage("run-1", "collect", "done", {"episodes": 4})
+    (run,) = store.runs()
+    assert run["id"] == "run-1" and run["status"] == "done" and json.loads(run["job"])["n"] == 3
+    assert t0 - timedelta(seconds=1) <= run["created_at"] <= run["updated_at"] <= datetime.now(timezone.utc)
+    stage = store.stages("run-1")["collect"]
+    assert stage["status"] == "done" and stage["data"] == {"episodes": 4}
+    assert stage["updated_at"].tzinfo is not None
+
+
+def test_batched_ingest_and_replace_by_id(store: ExperienceStore) -> None:
+    trajs = [make_traj(i, n_steps=3 + i % 5) for i in range(40)]
+    assert store.add_trajectories(trajs) == 40
+    n_steps = sum(len(t.steps) for t in trajs)
+    assert count(store, "SELECT count(*) FROM steps") == n_steps
+    n_diag = sum(1 for t in trajs for s in t.steps if s.diagnosis)
+    assert count(store, "SELECT count(*) FROM diagnoses") == n_diag
+    # Replace ten of them with shorter versions (and a duplicate id inside one batch: last wins).
+    new = [make_traj(i, n_steps=2, outcome=Outcome.failure) for i in range(10)]
+    dup = make_traj(0, n_steps=1, outcome=Outcome.error)
+    store.add_trajectories([*new, dup])
+    assert store.count_trajectories() == 40
+    assert (
+        count(store, "SELECT count(*) FROM steps")
+        == n_steps - sum(len(t.steps) for t in trajs[:10]) + 9 * 2 + 1
+    )
+    assert (
+        count(
+            store,
+            "SELECT count(*) FROM (SELECT trajectory_id, idx FROM steps GROUP BY 1, 2 HAVING count(*) > 1)",
+        )
+        == 0
+    )
+    assert store.get_trajectory("traj-0") == dup
+    assert store.get_trajectory("traj-5") == new[5]
+    assert store.count_trajectories(outcome="failure") == 9
+    assert store.count_trajectories(outcome=["failure", "error"]) == 10
+
+
+def test_store_namespace_is_the_default_for_items_that_name_none(tmp_path: Path) -> None:
+    with open_store(tmp_path / "s.duckdb", namespace="tenant") as s:
+        s.add_trajectories([Trajectory(id="t1", task_id="t", env="e")])
+        s.upsert_skills([Skill(id="k1", name="n")])
+        s.add_examples([TrainingExample(id="x1", kind=ExampleKind.sft)])
+        s.add_trajectories([Trajectory(id="t2", task_id="t", env="e", namespace="default")])
+        assert [t.id for t in s.trajectories()] == ["t1"]
+        assert s.get_trajectory("t1").namespace == "tenant"
+        assert [k.namespace for k in s.skills()] == ["tenant"]
+        assert [x.namespace for x in s.examples()] == ["tenant"]
+        assert [t.id for t in s.trajectories("default")] == ["t2"]
+
+
+# --------------------------------------------------------------------------- namespaces
+
+
+def test_namespaces_isolate_tenants(store: ExperienceStore) -> None:
+    for ns in ("alice", "bob"):
+        store.add_trajectories([make_traj(i, namespace=ns, id=f"{ns}-t{i}") for i in range(5)])
+        store.upsert_skills([make_skill(i, ns) for i in range(8)])
+        store.upsert_guardrails([make_guardrail(i, ns) for i in range(3)])
+        store.add_examples([make_example(i, ns) for i in range(2)])
+    assert {"alice", "bob"} <= set(store.list_namespaces())
+    for ns in ("alice", "bob"):
+        assert {t.namespace for t in store.trajectories(ns)} == {ns}
+        assert len(store.trajectories(ns)) == 5
+        assert {k.namespace for k in store.skills(ns)} == {ns}
+        assert {g.namespace for g in store.guardrails(ns)} == {ns}
+        assert {e.namespace for e in store.examples(ns)} == {ns}
+        for kind in ("skill", "guardrail", "trajectory"):
+            for mode in ("hybrid", "dense", "keyword"):
+                hits = store.search("take the apple near the door", kind, k=50, namespace=ns, mode=mode)
+                assert hits, (kind, mode)
+                assert {h.namespace for h in hits} == {ns}
+        assert store.stats(ns)["skills"] == 8
+    with pytest.raises(StoreError):
+        store.get_trajectory("alice-t0", namespace="bob")
+
+
+@pytest.fixture(scope="module")
+def shared_stores(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[int, ExperienceStore]]:
+    """One store per index type, shared by all examples of the property test (each in fresh namespaces)."""
+    d = tmp_path_factory.mktemp("property")
+    stores = {t: open_store(d / f"p{t}.duckdb", hnsw_threshold=t) for t in (4, 50_000)}
+    yield stores
+    for s in stores.values():
+        s.close()
+
+
+_EXAMPLE = itertools.count()
+
+
+@settings(
+    max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
+)
+@given(
+    items=st.lists(
+        st.tuples(
+            st.sampled_from(["a", "b", "c", "d"]),
+            st.lists(st.sampled_from(WORDS), min_size=1, max_size=6).map(" ".join),
+        ),
+        min_size=1,
+        max_size=40,
+    ),
+    query=st.lists(st.sampled_from(WORDS), min_size=1, max_size=3).map(" ".join),
+    queried=st.sampled_from(["a", "b", "c", "d"]),
+    mode=st.sampled_from(["hybrid", "dense", "keyword", "vector"]),
+    k=st.integers(1, 12),
+    hnsw_threshold=st.sampled_from([4, 50_000]),
+)
+def test_search_never_crosses_namespaces(
+    shared_stores: dict[int, ExperienceStore],
+    items: list[tuple[str, str]],
+    query: str,
+    queried: str,
+    mode: str,
+    k: int,
+    hnsw_threshold: int,
+) -> None:
+    # Every example writes to namespaces of its own, so the rows of all earlier examples are
+    # other tenants' rows that must never come back.
+    s, ex = shared_stores[hnsw_threshold], next(_EXAMPLE)
+    s.upsert_skills(
+        [
+            Skill(id=f"e{ex}-s{i}", namespace=f"e{ex}-{ns}", name=text, description=text)
+            for i, (ns, text) in enumerate(items)
+        ]
+    )
+    ns = f"e{ex}-{queried}"
+
+    def run() -> list:  # noqa: ANN202
+        if mode == "vector":
+            return s.search_vector(s.embedder.embed([query])[0], "skill", k=k, namespace=ns)
+        return s.search(query, "skill", k=k, namespace=ns, mode=mode)  # type: ignore[arg-type]
+
+    in_ns = sum(1 for n, _ in items if n == queried)
+    if not in_ns:
+        with pytest.raises(StoreError, match="unknown namespace"):
+            run()
+        return
+    hits = run()
+    assert all(h.namespace == ns for h in hits)
+    assert len({h.id for h in hits}) == len(hits) <= k
+    if mode in ("dense", "vector"):  # the filter is exact: as many hits as the namespace can give
+        assert len(hits) == min(k, in_ns)
+
+
+def test_delete_namespace_removes_everything_of_it(store: ExperienceStore) -> None:
+    for ns in ("keep", "drop"):
+        store.add_trajectories([make_traj(i, namespace=ns, id=f"{ns}-{i}") for i in range(4)])
+        store.upsert_skills([make_skill(i, ns) for i in range(4)])
+        store.upsert_guardrails([make_guardrail(i, ns) for i in range(2)])
+        store.add_examples([make_example(i, ns) for i in range(2)])
+        store.upsert_run(f"run-{ns}", {"x": 1}, "running", namespace=ns)
+        store.set_stage(f"run-{ns}", "collect", "done")
+        store.search("apple", "skill", namespace=ns)
+        store.search("apple", "trajectory", namespace=ns)
+    before = store.stats("keep")
+    store.delete_namespace("drop")
+    before["namespaces"].remove("drop")
+    assert "drop" not in store.list_namespaces()
+    for table in ("trajectories", "steps", "diagnoses", "skills", "guardrails", "knowledge_versions",
+                  "examples", "runs", "vectors"):  # fmt: skip
+        assert count(store, f"SELECT count(*) FROM {table} WHERE namespace = 'drop'") == 0, table
+    assert store.stages("run-drop") == {} and store.stages("run-keep")
+    assert store.stats("keep") == before
+    assert {h.namespace for h in store.search("apple", "skill", k=20, namespace="keep")} == {"keep"}
+    with pytest.raises(StoreError, match="unknown namespace 'drop'"):
+        store.search("apple", "skill", namespace="drop")
+    with pytest.raises(StoreError, match="unknown namespace"):
+        store.delete_namespace("drop")
+
+
+def test_delete_trajectory_cascades_through_provenance(store: ExperienceStore) -> None:
+    store.add_trajectories([make_traj(i) for i in range(3)])
+    store.upsert_skills(
+        [
+            make_skill(0, provenance=["traj-0"]),
+            make_skill(1, provenance=["traj-1", "traj-0"]),
+            make_skill(2, provenance=["traj-2"]),
+        ]
+    )
+    store.upsert_guardrails(
+        [make_guardrail(0, provenance=["traj-0"]), make_guardrail(1, provenance=["traj-1"])]
+    )
+    store.add_examples([make_example(0, provenance=["traj-0"]), make_example(1, provenance=["traj-2"])])
+    for kind in ("skill", "guardrail", "trajectory"):
+        store.search("apple", kind)
+    counts = store.delete_trajectory("traj-0")
+    assert counts["trajectories"] == 1 and counts["steps"] == 5
+    assert counts["skills"] == 2 and counts["guardrails"] == 1 and counts["examples"] == 1
+    assert [k.id for k in store.skills()] == ["skill-default-2"]
+    assert [g.id for g in store.guardrails()] == ["guard-default-1"]
+    assert [e.id for e in store.examples()] == ["ex-default-1"]
+    assert count(store, "SELECT count(*) FROM steps WHERE trajectory_id = 'traj-0'") == 0
+    assert count(store, "SELECT count(*) FROM diagnoses WHERE trajectory_id = 'traj-0'") == 0
+    dead = ["traj-0", "skill-default-0", "skill-default-1", "guard-default-0"]
+    assert count(store, "SELECT count(*) FROM vectors WHERE list_contains(?, ref_id)", [dead]) == 0
+    assert count(store, "SELECT count(*) FROM knowledge_versions WHERE list_contains(?, id)", [dead]) == 0
+    for kind in ("skill", "guardrail", "trajectory"):
+        hits = store.search("apple key door kitchen", kind, k=20)
+        assert not {h.id for h in hits} & set(dead)
+    assert {h.id for h in store.search("apple", "trajectory", k=20, mode="dense")} == {"traj-1", "traj-2"}
+
+
+# --------------------------------------------------------------------------- FAISS index lifecycle
+
+
+def _fill(s: ExperienceStore, n: int, start: int = 0) -> None:
+    s.upsert_skills(
+        [
+            make_skill(i, description=" ".join(np.random.default_rng(i).choice(WORDS, 6)))
+            for i in range(start, start + n)
+        ]
+    )
+
+
+def _ids(hits: list) -> list[tuple[str, float]]:  # noqa: ANN001
+    return [(h.id, round(h.score, 5)) for h in hits]
+
+
+QUERIES = ["take the apple", "unlock the door with the red key", "cook carrot in the kitchen", "lamp attic"]
+
+
+def test_index_persisted_then_rebuilt_identically_when_deleted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "s.duckdb"
+    with open_store(path) as s:
+        _fill(s, 60)
+        before = [_ids(s.search(q, "skill", k=10, mode=m)) for q in QUERIES for m in ("dense", "hybrid")]
+    index_file = Path(str(path) + ".index") / "skill.index"
+    assert index_file.exists() and index_file.with_suffix(".json").exists()
+    builds: list[int] = []
+    real_build = vi.VectorIndex.build
+    monkeypatch.setattr(
+        vi.VectorIndex, "build", lambda self, v, x: (builds.append(len(v)), real_build(self, v, x))[1]
+    )
+    with open_store(path) as s:  # the saved index is loaded, not rebuilt
+        assert [
+            _ids(s.search(q, "skill", k=10, mode=m)) for q in QUERIES for m in ("dense", "hybrid")
+        ] == before
+    assert builds == []
+    for f in index_file.parent.iterdir():
+        f.unlink()
+    index_file.parent.rmdir()
+    with open_store(path) as s:
+        assert [
+            _ids(s.search(q, "skill", k=10, mode=m)) for q in QUERIES for m in ("dense", "hybrid")
+        ] == before
+    assert builds == [60] and index_file.exists()
+    # A corrupt index file is also just rebuilt.
+    index_file.write_bytes(b"garbage")
+    with open_store(path) as s:
+        assert [_ids(s.search(q, "skill", k=10, mode="dense")) for q in QUERIES] == before[::2]
+    assert builds == [60, 60]
+
+
+def test_stale_index_is_extended_with_rows_of_another_instance(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "s.duckdb"
+    builds: list[int] = []
+    real_build = vi.VectorIndex.build
+    monkeypatch.setattr(
+        vi.VectorIndex, "build", lambda self, v, x: (builds.append(len(v)), real_build(self, v, x))[1]
+    )
+    a = open_store(path)
+    _fill(a, 30)
+    a.search("apple", "skill")
+    assert builds == [30]
+    b = open_store(path)  # a second instance on the same file (same process)
+    _fill(b, 20, start=30)
+    b.upsert_skills([make_skill(100, name="zebra crossing", description="a unique zebra striped skill")])
+    hits = a.search("zebra striped", "skill", k=3, mode="dense")
+    assert hits[0].id == "skill-default-100"
+    assert a.vector_index("skill").count == 51
+    assert builds == [30]  # extended, not rebuilt
+    b.close()
+    a.close()
+    # The file on disk is stale relative to rows added later: a new instance extends it too.
+    with open_store(path) as c:
+        _fill(c, 5, start=200)
+    with open_store(path) as d:
+        assert d.vector_index("skill").count == 56
+        exact = d.search("zebra striped", "skill", k=56, mode="dense")
+    assert builds == [30]
+    assert exact[0].id == "skill-default-100"
+    # Replacing rows changes existing vids: that cannot be extended, so the index is rebuilt.
+    with open_store(path) as e:
+        e.upsert_skills([make_skill(0, description="now about a giraffe")])
+        assert e.search("giraffe", "skill", k=1, mode="dense")[0].id == "skill-default-0"
+        assert e.vector_index("skill").count == 56
+    assert builds == [30, 56]
+
+
+def test_embedder_dimension_change_rebuilds_and_reembeds(tmp_path: Path) -> None:
+    path = tmp_path / "s.duckdb"
+    with open_store(path, dim=64) as s:
+        _fill(s, 40)
+        s.add_trajectories([make_traj(i) for i in range(5)])
+        s.search("apple", "skill")
+        s.search("apple", "trajectory")
+        assert s.vector_index("skill").dim == 64
+    with open_store(path, dim=128) as s:
+        hits = s.search("unlock the door with the red key", "skill", k=10, mode="dense")
+        assert s.vector_index("skill").dim == 128
+        assert s.search("apple", "trajectory", k=3)
+        rows = s.conn.execute("SELECT DISTINCT kind, model, len(vec) FROM vectors ORDER BY 1").fetchall()
+        assert rows == [("skill", "hash:128", 128), ("trajectory", "hash:128", 128)]
+        assert count(s, "SELECT count(*) FROM vectors WHERE kind = 'skill'") == 40
+    with open_store(tmp_path / "fresh.duckdb", dim=128) as f:  # same as a store built at 128-d from scratch
+        _fill(f, 40)
+        assert _ids(f.search("unlock the door with the red key", "skill", k=10, mode="dense")) == _ids(hits)
+
+
+def _clustered(n: int, dim: int, seed: int, n_clusters: int = 50) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centers = rng.standard_normal((n_clusters, dim)).astype(np.float32)
+    x = centers[rng.integers(0, n_clusters, n)] + 0.5 * rng.standard_normal((n, dim)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _recall(hits: list[list[str]], exact: list[list[str]]) -> float:
+    return float(np.mean([len(set(h) & set(e)) / len(e) for h, e in zip(hits, exact)]))
+
+
+def test_flat_switches_to_hnsw_with_high_recall(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    dim, n = 32, 3000
+    x = _clustered(n, dim, 0)
+    ids = [f"v{i}" for i in range(n)]
+    nss = ["a" if i % 3 else "b" for i in range(n)]  # two tenants, 2:1
+    rows = list(zip(ids, nss, ids))
+    q = _clustered(100, dim, 1)
+    with open_store(tmp_path / "s.duckdb", hnsw_threshold=2000) as s:
+        s.add_vectors("bench", rows[:1500], x[:1500], model="synthetic")
+        assert s.vector_index("bench").kind == "flat"
+        s.add_vectors("bench", rows[1500:], x[1500:], model="synthetic")
+        idx = s.vector_index("bench")
+        assert idx.kind == "hnsw" and idx.count == n
+        vid_to_row = dict(s.conn.execute("SELECT vid, ref_id FROM vectors WHERE kind = 'bench'").fetchall())
+        exact = [[ids[j] for j in row] for row in np.argsort(-(q @ x.T), axis=1)[:, :10]]
+        assert _recall([[vid_to_row[v] for v, _ in idx.search(qv, 10)] for qv in q], exact) >= 0.9
+        # Within one tenant: exact over its reconstructed vectors (small), or HNSW with an id filter.
+        for limit in (vi.EXACT_FILTER_LIMIT, 10):
+            monkeypatch.setattr(vi, "EXACT_FILTER_LIMIT", limit)
+            for ns in ("a", "b"):
+                mine = np.flatnonzero(np.array(nss) == ns)
+                truth = [[ids[mine[j]] for j in row] for row in np.argsort(-(q @ x[mine].T), axis=1)[:, :10]]
+                hits = [s.search_vector(qv, "bench", k=10, namespace=ns) for qv in q]
+                assert all(h.namespace == ns for hs in hits for h in hs)
+                assert _recall([[h.id for h in hs] for hs in hits], truth) >= (1.0 if limit > 10 else 0.9)
+    # Reopened, the HNSW index comes back from disk as HNSW.
+    with open_store(tmp_path / "s.duckdb", hnsw_threshold=2000) as s:
+        assert s.vector_index("bench").kind == "hnsw"
+
+
+def test_store_search_through_hnsw_matches_exact(tmp_path: Path) -> None:
+    with open_store(tmp_path / "s.duckdb", hnsw_threshold=100) as s:
+        _fill(s, 400)
+        assert s.vector_index("skill").kind == "hnsw"
+        emb = HashingEmbedder(64)
+        vecs = dict(s.conn.execute("SELECT ref_id, vec FROM vectors WHERE kind = 'skill'").fetchall())
+        ids = list(vecs)
+        mat = np.array([vecs[i] for i in ids], dtype=np.float32)
+        recall = []
+        for q in QUERIES + ["knife", "shovel garden", "eat the apple", "towel book chest"]:
+            exact = {ids[j] for j in np.argsort(-(mat @ emb.embed([q])[0]))[:10]}
+            got = {h.id for h in s.search(q, "skill", k=10, mode="dense")}
+            recall.append(len(got & exact) / 10)
+        assert np.mean(recall) >= 0.9
+
+
+def test_filters_and_unknown_filter_column(store: ExperienceStore) -> None:
+    store.upsert_skills(
+        [
+            make_skill(
+                i,
+                status=[KnowledgeStatus.active, KnowledgeStatus.candidate, KnowledgeStatus.retired][i % 3],
+                env=["tw", "sw"][i % 2],
+            )
+            for i in range(12)
+        ]
+    )
+    store.add_trajectories(
+        [make_traj(i, outcome=[Outcome.success, Outcome.failure][i % 2]) for i in range(6)]
+    )
+    for mode in ("hybrid", "dense", "keyword"):
+        hits = store.search("take the apple", "skill", k=20, filters={"status": "active"}, mode=mode)
+        assert hits and all(store.get_knowledge(h.id).status == KnowledgeStatus.active for h in hits)
+        hits = store.search(
+            "take the apple", "skill", k=20, filters={"status": ["active", "retired"], "env": "tw"}, mode=mode
+        )
+        got = {(store.get_knowledge(h.id).status, store.get_knowledge(h.id).env) for h in hits}
+        assert got and got <= {(KnowledgeStatus.active, "tw"), (KnowledgeStatus.retired, "tw")}
+    assert (
+        len(store.search("apple", "skill", k=20, filters={"status": KnowledgeStatus.retired}, mode="dense"))
+        == 4
+    )
+    assert store.search("apple", "skill", filters={"status": "nonexistent"}) == []
+    hits = store.search("apple", "trajectory", k=20, filters={"outcome": "failure"}, mode="dense")
+    assert {h.id for h in hits} == {"traj-1", "traj-3", "traj-5"}
+    assert [s.status for s in store.skills(status="active", env="tw")] == [KnowledgeStatus.active] * 2
+    with pytest.raises(StoreError, match="cannot filter skill on colour") as e:
+        store.search("apple", "skill", filters={"colour": "red"})
+    assert "status" in one_line_error(e)
+    with pytest.raises(StoreError, match="unknown search mode"):
+        store.search("apple", "skill", mode="fuzzy")  # type: ignore[arg-type]
+
+
+def test_query_embedder_of_another_dimension_is_a_clear_error(tmp_path: Path) -> None:
+    with open_store(tmp_path / "s.duckdb", dim=64) as s:
+        s.add_vectors(
+            "bench", [("a", "default", "x")], np.ones((1, 384), dtype=np.float32) / np.sqrt(384), model="m"
+        )
+        with pytest.raises(StoreError, match="384") as e:
+            s.search("x", "bench", mode="dense")
+        one_line_error(e)
+
+
+# --------------------------------------------------------------------------- bad input loses nothing
+
+
+def test_corrupt_file_is_refused_untouched(tmp_path: Path) -> None:
+    path = tmp_path / "store.duckdb"
+    data = np.random.default_rng(0).bytes(64 * 1024)
+    path.write_bytes(data)
+    with pytest.raises(StoreError, match="not a readable DuckDB file") as e:
+        open_store(path)
+    one_line_error(e)
+    assert path.read_bytes() == data
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["store.duckdb"]
+
+
+def _reads_in_subprocess(path: Path, sql: str) -> str:
+    code = f"import duckdb; c = duckdb.connect({str(path)!r}); print(c.execute({sql!r}).fetchall())"
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    ).stdout
+
+
+def test_foreign_duckdb_is_refused_and_left_intact(tmp_path: Path) -> None:
+    path = tmp_path / "theirs.duckdb"
+    c = duckdb.connect(str(path))
+    c.execute("CREATE TABLE payroll (name VARCHAR, salary INTEGER)")
+    c.execute("INSERT INTO payroll VALUES ('ada', 10), ('bob', 20)")
+    c.close()
+    with pytest.raises(StoreError, match="not an evolve store") as e:
+        open_store(path)
+    assert "payroll" in one_line_error(e)
+    # Nothing was added and the file is not held: another process can open and read it.
+    out = _reads_in_subprocess(path, "SELECT table_name FROM information_schema.tables ORDER BY 1")
+    assert out.strip() == "[('payroll',)]"
+    out = _reads_in_subprocess(path, "SELECT * FROM payroll ORDER BY name")
+    assert out.strip() == "[('ada', 10), ('bob', 20)]"
+
+
+def test_unknown_namespace_and_missing_items(store: ExperienceStore) -> None:
+    store.upsert_skills([make_skill(0)])
+    for call in (
+        lambda: store.search("apple", "skill", namespace="nobody"),
+        lambda: store.delete_namespace("nobody"),
+    ):
+        with pytest.raises(StoreError, match="unknown namespace 'nobody' \\(known: default\\)") as e:
+            call()
+        one_line_error(e)
+    with pytest.raises(StoreError, match="no trajectory 'nope'"):
+        store.get_trajectory("nope")
+    with pytest.raises(StoreError, match="no skill or guardrail"):
+        store.get_knowledge("nope")
+    (Path(store.path).parent / "a-dir").mkdir()
+    with pytest.raises(StoreError, match="is a directory"):
+        ExperienceStore(Path(store.path).parent / "a-dir", embedder=HashingEmbedder(8))
+
+
+def test_invalid_jsonl_line_imports_nothing(store: ExperienceStore, tmp_path: Path) -> None:
+    store.add_trajectories([make_traj(i) for i in range(3)])
+    good = tmp_path / "good.jsonl"
+    store.export_jsonl(good)
+    lines = good.read_text().splitlines()
+    other = open_store(tmp_path / "other.duckdb")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("\n".join([lines[0], lines[1].replace('"task_id":', '"task_idx":'), lines[2]]) + "\n")
+    with pytest.raises(StoreError, match=r"bad\.jsonl:2: invalid trajectory") as e:
+        other.import_jsonl(bad)
+    assert "nothing imported" in one_line_error(e)
+    bad.write_text(lines[0] + "\n\n" + lines[1][:50] + "\n")
+    with pytest.raises(StoreError, match=r"bad\.jsonl:3: "):
+        other.import_jsonl(bad)
+    assert other.count_trajectories() == 0
+    with pytest.raises(StoreError, match="no such file"):
+        other.import_jsonl(tmp_path / "missing.jsonl")
+    with pytest.raises(StoreError, match="cannot import 'bananas'"):
+        other.import_jsonl(good, kind="bananas")
+    assert other.import_jsonl(good) == 3 and other.count_trajectories() == 3
+    other.close()
+
+
+def test_missing_embedder_path(tmp_path: Path) -> None:
+    for make in (
+        lambda: SentenceTransformerEmbedder(tmp_path / "no-model"),
+        lambda: make_embedder(str(tmp_path / "no-model")),
+    ):
+        with pytest.raises(EmbedderError, match="does not exist") as e:
+            make()
+        one_line_error(e)
+    (tmp_path / "empty-model").mkdir()
+    with pytest.raises(EmbedderError, match="could not load") as e:
+        SentenceTransformerEmbedder(tmp_path / "empty-model")
+    one_line_error(e)
+
+
+HOLD = """
+import sys, time
+from evolve.stores import ExperienceStore, HashingEmbedder
+s = ExperienceStore(sys.argv[1], embedder=HashingEmbedder(16))
+print("ready", flush=True)
+time.sleep(120)
+"""
+
+
+def test_store_locked_by_another_process(tmp_path: Path) -> None:
+    path = tmp_path / "s.duckdb"
+    with open_store(path) as s:
+        s.upsert_skills([make_skill(0)])
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "ready"
+        with pytest.raises(StoreError, match="open in another process") as e:
+            open_store(path)
+        one_line_error(e)
+    finally:
+        holder.kill()
+        holder.wait()
+    with open_store(path) as s:
+        assert [k.id for k in s.skills()] == ["skill-default-0"]
+
+
+def test_newer_schema_version_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "s.duckdb"
+    with open_store(path) as s:
+        s.upsert_skills([make_skill(0)])
+        s.conn.execute(
+            "UPDATE evolve_meta SET value = ? WHERE key = 'schema_version'", [str(SCHEMA_VERSION + 1)]
+        )
+    with pytest.raises(StoreError, match="newer evolve") as e:
+        open_store(path)
+    one_line_error(e)
+    # Refused without touching it (and without holding it open).
+    out = _reads_in_subprocess(path, "SELECT value FROM evolve_meta WHERE key = 'schema_version'")
+    assert out.strip() == f"[('{SCHEMA_VERSION + 1}',)]"
+
+
+def test_read_only_store_refuses_writes(tmp_path: Path) -> None:
+    path = tmp_path / "s.duckdb"
+    with pytest.raises(StoreError, match="does not exist"):
+        open_store(path, read_only=True)
+    traj = make_traj(0)
+    with open_store(path) as s:
+        s.add_trajectories([traj])
+    with open_store(path, read_only=True) as r:
+        assert r.get_trajectory("traj-0") == traj
+        with pytest.raises(StoreError, match="read-only") as e:
+            r.add_trajectories([make_traj(1)])
+        one_line_error(e)
+        assert r.count_trajectories() == 1
+
+
+INGEST_LOOP = """
+import sys
+import numpy as np
+sys.path.insert(0, sys.argv[2])
+from test_store import make_traj
+from evolve.stores import ExperienceStore, HashingEmbedder
+s = ExperienceStore(sys.argv[1], embedder=HashingEmbedder(16))
+rng = np.random.default_rng(0)
+pool = [make_traj(i, n_steps=int(rng.integers(1, 12))) for i in range(150)]
+print("ready", flush=True)
+i = 0
+while True:  # appends new ids and replaces old ones, in batches of 50
+    batch = [t.model_copy(update={"id": f"traj-{(i * 50 + j) % 700}"}) for j, t in enumerate(pool[(i * 50) % 150:][:50])]
+    s.add_trajectories(batch)
+    i += 1
+"""
+
+
+def test_kill_mid_ingest_leaves_a_consistent_store(tmp_path: Path) -> None:
+    path = tmp_path / "s.duckdb"
+    tests_dir = str(Path(__file__).parent)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", INGEST_LOOP, str(path), tests_dir], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        time.sleep(2.0)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    with open_store(path) as s:
+        n = s.count_trajectories()
+        assert n > 0
+        bad = s.conn.execute(
+            """SELECT t.id, t.n_steps, count(st.idx) FROM trajectories t LEFT JOIN steps st ON st.trajectory_id = t.id
+               GROUP BY 1, 2 HAVING count(st.idx) <> t.n_steps"""
+        ).fetchall()
+        assert bad == []
+        assert (
+            count(s, "SELECT count(*) FROM steps WHERE trajectory_id NOT IN (SELECT id FROM trajectories)")
+            == 0
+        )
+        assert (
+            count(
+                s, "SELECT count(*) FROM diagnoses WHERE trajectory_id NOT IN (SELECT id FROM trajectories)"
+            )
+            == 0
+        )
+        trajs = s.trajectories()
+        assert len(trajs) == n and all(len(t.steps) == len({st.index for st in t.steps}) for t in trajs)
+        s.add_trajectories([make_traj(1000)])  # and it is writable again
+        assert s.count_trajectories() == n + 1
+
+
+# --------------------------------------------------------------------------- knowledge versions
+
+
+def test_knowledge_versions_and_rollback(store: ExperienceStore) -> None:
+    v1 = make_skill(0, description="open the fridge first")
+    store.upsert_skills([v1])
+    v2 = v1.model_copy(update={"version": 2, "description": "open the fridge with the handle"})
+    v3 = v1.model_copy(update={"version": 3, "description": "zebra instructions"})
+    store.upsert_skills([v2])
+    store.upsert_skills([v3])
+    assert store.knowledge_versions(v1.id) == [1, 2, 3]
+    assert store.get_knowledge(v1.id) == v3
+    assert store.search("zebra", "skill", k=1, mode="keyword")[0].id == v1.id
+    back = store.rollback(v1.id, 1)
+    assert back.version == 4 and back.description == v1.description
+    assert store.get_knowledge(v1.id) == back
+    assert store.knowledge_versions(v1.id) == [1, 2, 3, 4]
+    assert [k.description for k in store.skills()] == [v1.description]
+    assert store.search("zebra", "skill", mode="keyword") == []
+    # Re-upserting the same version replaces its history row instead of duplicating it.
+    store.upsert_skills([back])
+    assert store.knowledge_versions(v1.id) == [1, 2, 3, 4]
+    g1 = make_guardrail(0)
+    store.upsert_guardrails([g1, g1.model_copy(update={"version": 2, "forbidden_action": "eat .*"})])
+    assert store.rollback(g1.id, 1).forbidden_action == g1.forbidden_action
+    assert store.get_knowledge(g1.id).version == 3
+    with pytest.raises(StoreError, match=r"has no version 9 \(versions: \[1, 2, 3\]\)") as e:
+        store.rollback(g1.id, 9)
+    one_line_error(e)
+
+
+# --------------------------------------------------------------------------- the real embedder
+
+
+def test_semantic_search_with_minilm(tmp_path: Path) -> None:
+    """The default embedder (MiniLM from the PyPI package) finds a paraphrase no keyword matches."""
+    with ExperienceStore(tmp_path / "s.duckdb") as s:
+        s.upsert_skills(
+            [
+                Skill(id="door", name="unlock door", description="use the brass key to open the locked door"),
+                Skill(id="cook", name="cook meal", description="fry the sliced carrot on the stove"),
+                Skill(id="dig", name="dig", description="dig a hole in the garden with the shovel"),
+            ]
+        )
+        hits = s.search("prepare some vegetables for dinner", "skill", k=3, mode="dense")
+        assert hits[0].id == "cook"
+        assert s.embedder.dim == 384 and s.vector_index("skill").dim == 384
