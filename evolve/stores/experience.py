@@ -68,10 +68,10 @@ _DDL = [
     """CREATE TABLE IF NOT EXISTS trajectories (
         id VARCHAR PRIMARY KEY, namespace VARCHAR, run_id VARCHAR, task_id VARCHAR, env VARCHAR,
         split VARCHAR, policy VARCHAR, arm VARCHAR, outcome VARCHAR, score DOUBLE, max_score DOUBLE,
-        n_steps INTEGER, seed BIGINT, created_at TIMESTAMPTZ, summary VARCHAR{zstd}, data JSON{zstd})""",
+        n_steps INTEGER, seed BIGINT, created_at TIMESTAMPTZ, summary VARCHAR, data JSON)""",
     """CREATE TABLE IF NOT EXISTS steps (
-        trajectory_id VARCHAR, idx INTEGER, namespace VARCHAR, action VARCHAR, observation VARCHAR{zstd},
-        reward DOUBLE, done BOOLEAN, causes VARCHAR[], pre_shared BOOLEAN, data JSON{zstd})""",
+        trajectory_id VARCHAR, idx INTEGER, namespace VARCHAR, action VARCHAR, observation VARCHAR,
+        reward DOUBLE, done BOOLEAN, causes VARCHAR[], pre_shared BOOLEAN, data JSON)""",
     """CREATE TABLE IF NOT EXISTS diagnoses (
         trajectory_id VARCHAR, step_index INTEGER, namespace VARCHAR, cause VARCHAR, evidence VARCHAR)""",
     """CREATE TABLE IF NOT EXISTS skills (
@@ -212,7 +212,7 @@ class ExperienceStore:
         if self.read_only:
             raise StoreError(f"'{self.path}' is empty, not an evolve store; run a collect stage first")
         with self.transaction():
-            for ddl in self._ddl():
+            for ddl in _DDL:
                 self.conn.execute(ddl)
             self.conn.executemany(
                 "INSERT INTO evolve_meta VALUES (?, ?)",
@@ -222,19 +222,8 @@ class ExperienceStore:
 
     def _migrate(self, version: int) -> None:
         # Schema 1 is the first; later versions add their ALTERs here, one block per version.
-        for ddl in self._ddl():
+        for ddl in _DDL:
             self.conn.execute(ddl)
-
-    def _ddl(self) -> list[str]:
-        # ZSTD on the big JSON/text columns: ~3x smaller than DuckDB's default string compression
-        # and about twice as fast to checkpoint, i.e. to ingest. DuckDB < 1.2 lacks it.
-        try:
-            self.conn.execute("CREATE TEMP TABLE _zstd_probe (x VARCHAR USING COMPRESSION zstd)")
-            self.conn.execute("DROP TABLE _zstd_probe")
-            zstd = " USING COMPRESSION zstd"
-        except duckdb.Error:
-            zstd = ""
-        return [ddl.replace("{zstd}", zstd) for ddl in _DDL]
 
     def _one(self, sql: str, params: list[Any] | None = None) -> tuple[Any, ...] | None:
         # fetchall, not fetchone: DuckDB refuses new work while a result is only partly fetched.
