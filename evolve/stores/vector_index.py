@@ -131,10 +131,6 @@ class VectorIndex:
             self._exact = (allowed, self.index.reconstruct_batch(allowed))
         return self._exact[1]
 
-    def search_batch(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        q = np.ascontiguousarray(q, dtype=np.float32)
-        return self.index.search(q, min(k, max(self.count, 1)))
-
     # -- persistence
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
