@@ -40,7 +40,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _table import print_table  # noqa: E402
-from plots import bars_with_ci, curve, grouped_counts  # noqa: E402
+from plots import bars_with_ci, curve, curves, grouped_counts  # noqa: E402
 from rich.console import Console  # noqa: E402
 
 from evolve.agents.collect import EnvSpec, collect, done_episodes  # noqa: E402
@@ -100,6 +100,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--curve", default="0,5,10,20,all", help="train-episode counts for the learning curve ('' = off)"
     )
     ap.add_argument("--curve-tasks", type=int, default=10, help="test tasks (1 seed) per curve point")
+    ap.add_argument(
+        "--adapt-tasks",
+        type=int,
+        default=0,
+        help="ADAPT curve (CLIN's protocol): the first N test tasks, each over --adapt-trials trials with "
+        "memory carried from trial to trial (0 = off)",
+    )
+    ap.add_argument("--adapt-trials", type=int, default=5)
+    ap.add_argument(
+        "--adapt-start",
+        choices=["empty", "knowledge"],
+        default="empty",
+        help="memory at trial 1: nothing (CLIN's ADAPT) or the probated train knowledge",
+    )
+    ap.add_argument("--skip-arms", action="store_true", help="run only the ADAPT curve (no held-out arms)")
     ap.add_argument("--policy", choices=["random", "openai", "hf"], default="random")
     ap.add_argument("--model", default=None)
     ap.add_argument("--base-url", default=None)
@@ -340,6 +355,58 @@ class Bench:
             self.log(f"  curve: {n} train episodes -> {est.mean:.1f}% success ({len(trajs)} episodes)")
         return points
 
+    def adapt(self) -> list[dict[str, Any]]:
+        """CLIN's ADAPT protocol: each task over K trials, the memory distilled after every trial.
+
+        Trial ``k`` of a task runs with knowledge distilled from that task's trials ``1..k-1`` (and,
+        with ``--adapt-start knowledge``, the probated train knowledge too); same seed every trial,
+        so what changes between trials is the memory alone. Returns per-trial success and score.
+        """
+        a = self.args
+        if a.adapt_tasks <= 0:
+            return []
+        tasks = self.tasks["test"][: a.adapt_tasks]
+        base = knowledge_of(self.store, self.ns) if a.adapt_start == "knowledge" else []
+        per_trial: dict[int, list[Trajectory]] = {k: [] for k in range(1, a.adapt_trials + 1)}
+        memories: dict[int, list[int]] = {k: [] for k in per_trial}
+        for task in tasks:
+            history: list[Trajectory] = []
+            for k in range(1, a.adapt_trials + 1):
+                snap = [*base, *distill_snapshot(history, self.store, self.ns)] if history else list(base)
+                factory = EvolveMemory.factory(
+                    snap, embedder=a.embedder, env=a.env, config=self.memory_config
+                )
+                trajs = self.episodes(f"adapt:{a.adapt_start}:{k}", [task], 1, factory)
+                history += trajs
+                per_trial[k] += trajs
+                memories[k].append(len(snap))
+                won = sum(t.success for t in trajs)
+                self.log(f"  adapt {task.id} trial {k}: {'won' if won else 'lost'} with {len(snap)} memories")
+        points = []
+        for k, trajs in per_trial.items():
+            succ = bootstrap([100.0 if t.success else 0.0 for t in trajs])
+            score = bootstrap([_score(t) for t in trajs])
+            points.append(
+                {
+                    "trial": k,
+                    "episodes": len(trajs),
+                    "success": succ.mean,
+                    "success_lo": succ.lo,
+                    "success_hi": succ.hi,
+                    "score": score.mean,
+                    "score_lo": score.lo,
+                    "score_hi": score.hi,
+                    "steps": sum(len(t.steps) for t in trajs) / max(len(trajs), 1),
+                    "memories": sum(memories[k]) / max(len(memories[k]), 1),
+                }
+            )
+        return points
+
+
+def _score(t: Trajectory) -> float:
+    """The episode's normalised score, 0-100 (as in the arm metrics)."""
+    return float(arm_metrics("x", [t]).score.mean)
+
 
 # --------------------------------------------------------------------------- report
 
@@ -355,6 +422,7 @@ def report(
     curve_pts: list[dict[str, Any]],
     train: list[Trajectory],
     wall: float,
+    adapt_pts: list[dict[str, Any]] | None = None,
 ) -> None:
     a, out = bench.args, bench.out
     metrics = {arm: arm_metrics(arm, ts) for arm, ts in results.items()}
@@ -362,7 +430,17 @@ def report(
     for base in ("no_memory", "raw_retrieval"):
         if "evolve" in results and base in results:
             comps[base] = compare("evolve", results["evolve"], base, results[base])
-    cols = ["arm", "episodes", "success % [95% CI]", "score 0-100 [95% CI]", "steps", "steps (won)", "errors"]
+    cols = [
+        "arm",
+        "episodes",
+        "success % [95% CI]",
+        "score 0-100 [95% CI]",
+        "steps",
+        "steps (won)",
+        "tokens/action (prompt+gen)",
+        "s/action p50",
+        "errors",
+    ]
     rows = []
     for arm, m in metrics.items():
         rows.append(
@@ -373,6 +451,8 @@ def report(
                 _fmt(m.score, 1.0),
                 round(m.steps_mean, 1),
                 None if m.steps_success_mean is None else round(m.steps_success_mean, 1),
+                f"{m.prompt_tokens_per_step:.0f}+{m.completion_tokens_per_step:.0f}",
+                round(m.latency_p50_s, 2),
                 m.errors,
             ]
         )
@@ -446,6 +526,27 @@ def report(
                 console=CONSOLE,
             ),
         ]
+    if adapt_pts:
+        arow = [
+            [
+                p["trial"],
+                p["episodes"],
+                f"{p['success']:.1f} [{p['success_lo']:.1f}, {p['success_hi']:.1f}]",
+                f"{p['score']:.1f} [{p['score_lo']:.1f}, {p['score_hi']:.1f}]",
+                round(p["steps"], 1),
+                round(p["memories"], 1),
+            ]
+            for p in adapt_pts
+        ]
+        md += [
+            "",
+            print_table(
+                f"ADAPT: same task, {a.adapt_trials} trials, memory carried (start: {a.adapt_start})",
+                ["trial", "tasks", "success % [95% CI]", "score 0-100 [95% CI]", "steps", "memories"],
+                arow,
+                console=CONSOLE,
+            ),
+        ]
     # Plots.
     pngs = []
     if metrics:
@@ -472,6 +573,23 @@ def report(
                 refs,
             )
         )
+    if adapt_pts:
+        pngs.append(
+            curves(
+                {
+                    "score 0-100": [
+                        (p["trial"], p["score"], p["score_lo"], p["score_hi"]) for p in adapt_pts
+                    ],
+                    "success %": [
+                        (p["trial"], p["success"], p["success_lo"], p["success_hi"]) for p in adapt_pts
+                    ],
+                },
+                out / "adapt.png",
+                f"ADAPT: same {a.env} task over trials, memory carried ({len(bench.tasks['test'][: a.adapt_tasks])} tasks)",
+                "trial",
+                "% (95% CI over tasks)",
+            )
+        )
     if any(causes.values()):
         pngs.append(grouped_counts(causes, out / "causes.png", "failure causes of failed episodes"))
     md += ["", f"Wall time {wall / 60:.1f} min. Plots: " + ", ".join(p.name for p in pngs)]
@@ -483,6 +601,7 @@ def report(
         "comparisons": {b: c.model_dump() for b, c in comps.items()},
         "knowledge": info,
         "curve": curve_pts,
+        "adapt": adapt_pts or [],
         "wall_s": wall,
     }
     (out / "results.json").write_text(json.dumps(payload, indent=2, default=str))
@@ -506,13 +625,16 @@ def main(argv: list[str] | None = None) -> None:
     log(f"  {json.dumps(info, default=str)}")
     log("3/4 arms on held-out test tasks")
     results = {}
-    for arm in [x.strip() for x in args.arms.split(",") if x.strip()]:
+    for arm in [] if args.skip_arms else [x.strip() for x in args.arms.split(",") if x.strip()]:
         results[arm] = bench.arm(arm, train)
         s = sum(t.success for t in results[arm])
         log(f"  {arm}: {s}/{len(results[arm])} won")
     log("4/4 learning curve")
     pts = bench.learning_curve(train)
-    report(bench, results, info, pts, train, time.perf_counter() - t0)
+    if args.adapt_tasks:
+        log(f"5/5 ADAPT curve: {args.adapt_tasks} tasks x {args.adapt_trials} trials")
+    adapt_pts = bench.adapt()
+    report(bench, results, info, pts, train, time.perf_counter() - t0, adapt_pts)
     bench.store.close()
 
 

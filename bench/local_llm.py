@@ -527,7 +527,15 @@ def serve(args: argparse.Namespace) -> int:
     path, alias = resolve_gguf(args.model, args.gguf)
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _raise_exit)
-    srv = LocalServer(path, alias, host=args.host, port=args.port, ctx=args.ctx, threads=args.threads)
+    srv = LocalServer(
+        path,
+        alias,
+        host=args.host,
+        port=args.port,
+        ctx=args.ctx,
+        threads=args.threads,
+        extra_args=("--use_mlock", "true") if args.mlock else (),
+    )
     try:
         _log(f"starting llama_cpp.server for {path} (log: {srv.log_path}) ...")
         base_url = srv.start(args.ready_timeout)
@@ -787,6 +795,11 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=DEFAULT_PORT)
     s.add_argument("--ctx", type=int, default=4096)
     s.add_argument("--threads", type=int, default=2)
+    s.add_argument(
+        "--mlock",
+        action="store_true",
+        help="lock the model in RAM (llama.cpp --use_mlock): no page faults when the kernel reclaims pages",
+    )
     s.add_argument("--ready-timeout", type=float, default=300.0)
     sub.add_parser("status", help="list servers started by this tool")
     st = sub.add_parser("stop", help="stop servers started by this tool")

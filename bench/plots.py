@@ -60,6 +60,34 @@ def curve(
     return _save(fig, path)
 
 
+def curves(
+    series: Mapping[str, Sequence[tuple[float, float, float, float]]],
+    path: str | Path,
+    title: str,
+    xlabel: str,
+    ylabel: str,
+) -> Path:
+    """Several labelled lines, each with its CI band, over ``(x, mean, lo, hi)`` points."""
+    colors = ["#4d9a4d", "#d9822b", "#6b8fb3", "#999999"]
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for i, (name, points) in enumerate(series.items()):
+        pts = sorted(points)
+        if not pts:
+            continue
+        xs = [p[0] for p in pts]
+        c = colors[i % len(colors)]
+        ax.plot(xs, [p[1] for p in pts], marker="o", color=c, label=name)
+        ax.fill_between(xs, [p[2] for p in pts], [p[3] for p in pts], color=c, alpha=0.15)
+        ax.set_xticks(xs)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.set_ylim(0, 100)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
 def grouped_counts(counts: Mapping[str, Mapping[str, int]], path: str | Path, title: str) -> Path:
     """Horizontal grouped bars: one group per category (failure cause), one bar per arm."""
     arms = list(counts)
