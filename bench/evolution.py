@@ -119,6 +119,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--model", default=None)
     ap.add_argument("--base-url", default=None)
     ap.add_argument("--api-key-env", default="OPENAI_API_KEY")
+    ap.add_argument(
+        "--max-actions", type=int, default=60, help="LLM policies: admissible actions shown per prompt"
+    )
     ap.add_argument("--model-path", default=None, help="local HF model dir for --policy hf")
     ap.add_argument("--game-type", default="custom", help="TextWorld: custom | cooking | treasure_hunter")
     ap.add_argument("--sw-tasks", nargs="*", default=["find-living-thing", "find-plant", "use-thermometer"])
@@ -153,6 +156,7 @@ def policy_spec(args: argparse.Namespace) -> PolicySpec:
             base_url=args.base_url,
             api_key_env=args.api_key_env,
             seed=args.seed,
+            max_actions=args.max_actions,
         )
     return PolicySpec(kind="hf", path=args.model_path, seed=args.seed)
 
@@ -200,8 +204,10 @@ class Bench:
         self.policy = policy_spec(args)
         pol_name = args.policy if args.policy == "random" else f"{args.policy}-{args.model or 'model'}"
         # Everything that changes what an episode does is in the namespace, so reruns never mix.
-        default_ns = f"{args.env}-{pol_name}-{args.knowledge}-s{args.max_steps}" + (
-            "-noprop" if args.no_propose else ""
+        default_ns = (
+            f"{args.env}-{pol_name}-{args.knowledge}-s{args.max_steps}"
+            + ("-noprop" if args.no_propose else "")
+            + (f"-a{args.max_actions}" if args.max_actions != 60 else "")
         )
         self.ns = (args.run_name or default_ns).replace("/", "_")
         self.store = ExperienceStore(
@@ -449,10 +455,10 @@ def report(
                 m.episodes,
                 _fmt(m.success),
                 _fmt(m.score, 1.0),
-                round(m.steps_mean, 1),
-                None if m.steps_success_mean is None else round(m.steps_success_mean, 1),
+                f"{m.steps_mean:.1f}",
+                None if m.steps_success_mean is None else f"{m.steps_success_mean:.1f}",
                 f"{m.prompt_tokens_per_step:.0f}+{m.completion_tokens_per_step:.0f}",
-                round(m.latency_p50_s, 2),
+                f"{m.latency_p50_s:.2f}",
                 m.errors,
             ]
         )
@@ -557,7 +563,7 @@ def report(
                     for arm, m in metrics.items()
                 },
                 out / "success.png",
-                f"{a.env} held-out success ({a.policy} policy)",
+                f"{a.env} held-out success ({a.model or a.policy} policy, {len(bench.tasks['test'])} tasks x {a.trials})",
                 "success %",
             )
         )
