@@ -10,11 +10,9 @@ import json
 import sys
 from pathlib import Path
 
-import pytest
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
-evolution = pytest.importorskip("evolution")
+import evolution  # noqa: E402
 
 
 def _args(out: Path, *extra: str) -> list[str]:
