@@ -539,8 +539,8 @@ def report(
                 p["episodes"],
                 f"{p['success']:.1f} [{p['success_lo']:.1f}, {p['success_hi']:.1f}]",
                 f"{p['score']:.1f} [{p['score_lo']:.1f}, {p['score_hi']:.1f}]",
-                round(p["steps"], 1),
-                round(p["memories"], 1),
+                f"{p['steps']:.1f}",
+                f"{p['memories']:.1f}",
             ]
             for p in adapt_pts
         ]
