@@ -567,6 +567,14 @@ def report(
                 "success %",
             )
         )
+        pngs.append(
+            bars_with_ci(
+                {arm: (m.score.mean, m.score.lo, m.score.hi) for arm, m in metrics.items()},
+                out / "score.png",
+                f"{a.env} held-out score ({a.model or a.policy} policy, {len(bench.tasks['test'])} tasks x {a.trials})",
+                "score 0-100",
+            )
+        )
     if curve_pts:
         refs = {f"{arm} (full test)": m.success.mean * 100 for arm, m in metrics.items() if arm != "evolve"}
         pngs.append(
