@@ -110,11 +110,12 @@ def _as_list(x: str | Iterable[str] | None) -> list[str] | None:
     return [x] if isinstance(x, str) else list(x)
 
 
-def _utc(us: int | None) -> datetime | None:
-    return None if us is None else _EPOCH + timedelta(microseconds=us)
-
-
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
+def _utc(us: int | None) -> datetime | None:
+    """A TIMESTAMPTZ read as ``epoch_us(col)``: fetching the column itself would need pytz."""
+    return None if us is None else _EPOCH + timedelta(microseconds=us)
 
 
 def _traj_summary(t: Trajectory) -> str:
@@ -693,7 +694,7 @@ class ExperienceStore:
     def retrieval_logs(
         self, namespace: str | None = None, trajectory_id: str | None = None
     ) -> list[RetrievalLog]:
-        # Timestamps come back as epoch microseconds: DuckDB needs pytz to return TIMESTAMPTZ values.
+        # Timestamps come back as epoch microseconds (see _utc).
         sql = (
             "SELECT id, namespace, trajectory_id, step_index, knowledge_id, kind, score, applicable, "
             "injected, reason, outcome, epoch_us(created_at) AS created_at FROM retrieval_log WHERE namespace = ?"
@@ -1089,72 +1090,57 @@ class ExperienceStore:
     ) -> list[SearchHit]:
         ns = self._ns(namespace)
         with self._lock:  # FAISS must not search an index that another thread is extending
-            return self._search_locked(kind, k, ns, filters, mode, q, query, rrf_k)
-
-    def _search_locked(
-        self,
-        kind: str,
-        k: int,
-        ns: str,
-        filters: dict[str, Any] | None,
-        mode: str,
-        q: np.ndarray | None,
-        query: str,
-        rrf_k: int,
-    ) -> list[SearchHit]:
-        if ns not in self._known_namespaces():
+            idx = self.vector_index(kind)
+            meta = self._meta[kind]
             # Vectors written with add_vectors may name a namespace no other row has.
-            self.vector_index(kind)
-            if not self._meta[kind].has_namespace(ns):
+            if ns not in self._known_namespaces() and not meta.has_namespace(ns):
                 self._check_namespace(ns)
-        idx = self.vector_index(kind)
-        meta = self._meta[kind]
-        allowed, mask = self._allowed_vids(kind, ns, filters, meta)
-        if allowed is not None and len(allowed) == 0:
-            return []
-        depth = k if mode == "dense" else max(k * 4, 20)
-        dense: list[tuple[int, float]] = []
-        kw: list[tuple[int, float]] = []
-        if q is not None:
-            if q.shape[0] != idx.dim:
-                raise StoreError(
-                    f"the {kind} vectors are {idx.dim}-d but the query vector is {q.shape[0]}-d "
-                    f"(embedder '{getattr(self._embedder, 'name', '?')}'); search with the embedder that wrote them"
+            allowed, mask = self._allowed_vids(kind, ns, filters, meta)
+            if allowed is not None and len(allowed) == 0:
+                return []
+            depth = k if mode == "dense" else max(k * 4, 20)
+            dense: list[tuple[int, float]] = []
+            kw: list[tuple[int, float]] = []
+            if q is not None:
+                if q.shape[0] != idx.dim:
+                    raise StoreError(
+                        f"the {kind} vectors are {idx.dim}-d but the query vector is {q.shape[0]}-d "
+                        f"(embedder '{getattr(self._embedder, 'name', '?')}'); search with the embedder that wrote them"
+                    )
+                # Namespace isolation is exact: only allowed vids can come back.
+                dense = idx.search(q, depth, allowed=allowed)
+            if mode in ("hybrid", "keyword"):
+                bm = self._keyword(kind, meta)
+                if mask is None and allowed is not None:
+                    mask = np.isin(meta.vids, allowed, assume_unique=True)
+                kw = [(int(meta.vids[i]), s) for i, s in bm.search(query, depth, mask=mask)]
+            if mode == "dense":
+                fused = dict(dense)
+            elif mode == "keyword":
+                fused = dict(kw)
+            else:
+                fused = {}
+                for lst in (dense, kw):
+                    for rank, (vid, _) in enumerate(lst):
+                        fused[vid] = fused.get(vid, 0.0) + 1.0 / (rrf_k + rank + 1)
+            top = sorted(fused.items(), key=lambda x: -x[1])[:k]
+            dmap, kmap = dict(dense), dict(kw)
+            hits = []
+            for (vid, score), (ref_id, hit_ns, text) in zip(top, meta.rows([v for v, _ in top])):
+                if ref_id is None:
+                    continue
+                hits.append(
+                    SearchHit(
+                        id=ref_id,
+                        kind=kind,
+                        namespace=hit_ns,
+                        score=score,
+                        text=text or "",
+                        dense_score=dmap.get(vid),
+                        keyword_score=kmap.get(vid),
+                    )
                 )
-            # Namespace isolation is exact: only allowed vids can come back.
-            dense = idx.search(q, depth, allowed=allowed)
-        if mode in ("hybrid", "keyword"):
-            bm = self._keyword(kind, meta)
-            if mask is None and allowed is not None:
-                mask = np.isin(meta.vids, allowed, assume_unique=True)
-            kw = [(int(meta.vids[i]), s) for i, s in bm.search(query, depth, mask=mask)]
-        if mode == "dense":
-            fused = dict(dense)
-        elif mode == "keyword":
-            fused = dict(kw)
-        else:
-            fused = {}
-            for lst in (dense, kw):
-                for rank, (vid, _) in enumerate(lst):
-                    fused[vid] = fused.get(vid, 0.0) + 1.0 / (rrf_k + rank + 1)
-        top = sorted(fused.items(), key=lambda x: -x[1])[:k]
-        dmap, kmap = dict(dense), dict(kw)
-        hits = []
-        for (vid, score), (ref_id, hit_ns, text) in zip(top, meta.rows([v for v, _ in top])):
-            if ref_id is None:
-                continue
-            hits.append(
-                SearchHit(
-                    id=ref_id,
-                    kind=kind,
-                    namespace=hit_ns,
-                    score=score,
-                    text=text or "",
-                    dense_score=dmap.get(vid),
-                    keyword_score=kmap.get(vid),
-                )
-            )
-        return hits
+            return hits
 
     def rebuild_index(self, kinds: Iterable[str] | None = None) -> dict[str, int]:
         """Re-derive the FAISS indexes from DuckDB (embedding any rows that lack vectors)."""
