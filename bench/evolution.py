@@ -378,7 +378,7 @@ class Bench:
         for task in tasks:
             history: list[Trajectory] = []
             for k in range(1, a.adapt_trials + 1):
-                snap = [*base, *distill_snapshot(history, self.store, self.ns)] if history else list(base)
+                snap = [*base, *distill_snapshot(history, self.store, self.ns)]
                 factory = EvolveMemory.factory(
                     snap, embedder=a.embedder, env=a.env, config=self.memory_config
                 )
@@ -390,28 +390,22 @@ class Bench:
                 self.log(f"  adapt {task.id} trial {k}: {'won' if won else 'lost'} with {len(snap)} memories")
         points = []
         for k, trajs in per_trial.items():
-            succ = bootstrap([100.0 if t.success else 0.0 for t in trajs])
-            score = bootstrap([_score(t) for t in trajs])
+            m = arm_metrics(f"trial {k}", trajs)  # success 0-1, score 0-100, both with bootstrap CIs
             points.append(
                 {
                     "trial": k,
-                    "episodes": len(trajs),
-                    "success": succ.mean,
-                    "success_lo": succ.lo,
-                    "success_hi": succ.hi,
-                    "score": score.mean,
-                    "score_lo": score.lo,
-                    "score_hi": score.hi,
-                    "steps": sum(len(t.steps) for t in trajs) / max(len(trajs), 1),
+                    "episodes": m.episodes,
+                    "success": m.success.mean * 100,
+                    "success_lo": m.success.lo * 100,
+                    "success_hi": m.success.hi * 100,
+                    "score": m.score.mean,
+                    "score_lo": m.score.lo,
+                    "score_hi": m.score.hi,
+                    "steps": m.steps_mean,
                     "memories": sum(memories[k]) / max(len(memories[k]), 1),
                 }
             )
         return points
-
-
-def _score(t: Trajectory) -> float:
-    """The episode's normalised score, 0-100 (as in the arm metrics)."""
-    return float(arm_metrics("x", [t]).score.mean)
 
 
 # --------------------------------------------------------------------------- report
@@ -555,6 +549,7 @@ def report(
         ]
     # Plots.
     pngs = []
+    setup = f"{a.model or a.policy} policy, {len(bench.tasks['test'])} tasks x {a.trials}"
     if metrics:
         pngs.append(
             bars_with_ci(
@@ -563,7 +558,7 @@ def report(
                     for arm, m in metrics.items()
                 },
                 out / "success.png",
-                f"{a.env} held-out success ({a.model or a.policy} policy, {len(bench.tasks['test'])} tasks x {a.trials})",
+                f"{a.env} held-out success ({setup})",
                 "success %",
             )
         )
@@ -571,7 +566,7 @@ def report(
             bars_with_ci(
                 {arm: (m.score.mean, m.score.lo, m.score.hi) for arm, m in metrics.items()},
                 out / "score.png",
-                f"{a.env} held-out score ({a.model or a.policy} policy, {len(bench.tasks['test'])} tasks x {a.trials})",
+                f"{a.env} held-out score ({setup})",
                 "score 0-100",
             )
         )

@@ -42,22 +42,7 @@ def curve(
     references: Mapping[str, float] | None = None,
 ) -> Path:
     """A line with a CI band over ``(x, mean, lo, hi)`` points, plus horizontal reference lines."""
-    pts = sorted(points)
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    if pts:
-        xs = [p[0] for p in pts]
-        ax.plot(xs, [p[1] for p in pts], marker="o", color="#4d9a4d", label="evolve")
-        ax.fill_between(xs, [p[2] for p in pts], [p[3] for p in pts], color="#4d9a4d", alpha=0.2)
-    styles = ["--", ":", "-."]
-    for i, (name, y) in enumerate((references or {}).items()):
-        ax.axhline(y, linestyle=styles[i % len(styles)], color="#666666", label=name)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=10)
-    ax.set_ylim(0, 100)
-    ax.legend(fontsize=8, loc="best")
-    fig.tight_layout()
-    return _save(fig, path)
+    return curves({"evolve": points}, path, title, xlabel, ylabel, references)
 
 
 def curves(
@@ -66,8 +51,9 @@ def curves(
     title: str,
     xlabel: str,
     ylabel: str,
+    references: Mapping[str, float] | None = None,
 ) -> Path:
-    """Several labelled lines, each with its CI band, over ``(x, mean, lo, hi)`` points."""
+    """Labelled lines, each with its CI band over ``(x, mean, lo, hi)`` points, plus reference lines."""
     colors = ["#4d9a4d", "#d9822b", "#6b8fb3", "#999999"]
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     for i, (name, points) in enumerate(series.items()):
@@ -77,8 +63,12 @@ def curves(
         xs = [p[0] for p in pts]
         c = colors[i % len(colors)]
         ax.plot(xs, [p[1] for p in pts], marker="o", color=c, label=name)
-        ax.fill_between(xs, [p[2] for p in pts], [p[3] for p in pts], color=c, alpha=0.15)
-        ax.set_xticks(xs)
+        ax.fill_between(xs, [p[2] for p in pts], [p[3] for p in pts], color=c, alpha=0.2)
+        if len(xs) <= 12:
+            ax.set_xticks(xs)  # few points (trials, episode counts): label each one
+    styles = ["--", ":", "-."]
+    for i, (name, y) in enumerate((references or {}).items()):
+        ax.axhline(y, linestyle=styles[i % len(styles)], color="#666666", label=name)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)

@@ -14,6 +14,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 import evolution  # noqa: E402
 
+from evolve.stores import ExperienceStore  # noqa: E402
+
 
 def _args(out: Path, *extra: str) -> list[str]:
     return [
@@ -59,7 +61,6 @@ def test_adapt_curve_carries_memory_between_trials(tmp_path: Path) -> None:
     # trial 1 ran without memory (nothing retrieved) and later trials had memories to retrieve from.
     assert pts[0]["memories"] == 0
     assert all(p["memories"] > 0 for p in pts[1:])
-    from evolve.stores import ExperienceStore
 
     ns = res["namespace"]
     with ExperienceStore(out / "store.duckdb", namespace=ns, embedder="hash") as store:
