@@ -1,8 +1,8 @@
 """Real local instruct LLMs, served offline with one command (the real-model path; never used in tests/CI).
 
 This is a benchmark helper, not a runtime dependency of ``evolve``: it needs only the standard
-library, plus ``openai`` for ``probe`` / :func:`detect_response_format`, plus ``llama-cpp-python[server]``
-for ``serve``.
+library, plus evolve's own client (:mod:`evolve.llm.client`, over ``openai``) for ``probe`` /
+:func:`detect_response_format`, plus ``llama-cpp-python[server]`` for ``serve``.
 
 Models
 ------
@@ -41,11 +41,11 @@ Usage
 
 From a benchmark script::
 
-    from local_llm import local_server, detect_response_format, response_format_for
+    from local_llm import local_server
+    from evolve.llm.client import ChatClient
     with local_server(model="qwen2.5-coder-1.5b") as base_url:   # free port unless port= is given
-        client = openai.OpenAI(base_url=base_url, api_key="sk-local")
-        kind = detect_response_format(client, "qwen2.5-coder-1.5b")
-        rf = response_format_for(kind, schema)                     # dict, or None for "none"
+        chat = ChatClient("qwen2.5-coder-1.5b", base_url=base_url)
+        answer = chat.complete(messages, schema=schema)            # response_format negotiated once
 
 The served model name (``--model_alias``) is the model name, or the file stem for ``--gguf``.
 An external endpoint (any OpenAI-compatible ``base_url``) works the same with ``probe`` and
@@ -61,7 +61,8 @@ Findings with llama-cpp-python 0.3.36 (see ``probe``):
 - Constrained JSON works with ``{"type": "json_object", "schema": ...}``; ``{"type": "json_schema", ...}``
   answers HTTP 500 (a pydantic validation error: only ``text``/``json_object`` are accepted); plain
   ``json_object`` gives JSON but ignores the schema. Other servers (vLLM, OpenAI) take
-  ``{"type": "json_schema", "json_schema": {...}}``; :func:`detect_response_format` tells which.
+  ``{"type": "json_schema", "json_schema": {...}}``; :func:`detect_response_format` tells which
+  (``ChatClient`` negotiates it by itself on its first schema-constrained call).
 - Chat ``logprobs``/``top_logprobs`` work; ``tools``/``tool_calls`` are not parsed (text reply).
 - The server's default ``interrupt_requests=True`` ends an in-flight *stream* early (with a normal-looking
   ``[DONE]``) as soon as another request arrives, even ``GET /v1/models``; we start it with
@@ -99,6 +100,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from evolve.errors import LLMError
+from evolve.llm.client import ChatClient, response_format_for
 
 LLAMA_CPP_INSTALL = (
     'CMAKE_ARGS="-DLLAVA_BUILD=OFF -DGGML_NATIVE=ON" CMAKE_BUILD_PARALLEL_LEVEL=2 '
@@ -607,51 +611,16 @@ def stop(port: int | None = None) -> int:
 
 # --------------------------------------------------------------------------------- response_format
 
-_PROBE_SCHEMA = {
-    "type": "object",
-    "properties": {"color": {"type": "string", "enum": ["zqx-violet"]}},
-    "required": ["color"],
-}
-_detected: dict[tuple[str, str], str] = {}
 
+def detect_response_format(base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY") -> str:
+    """Which schema-constrained ``response_format`` the model obeys (cached per base_url+model).
 
-def response_format_for(kind: str, schema: dict[str, Any], name: str = "response") -> dict[str, Any] | None:
-    """Build the ``response_format`` argument for a kind returned by :func:`detect_response_format`."""
-    if kind == "json_object_schema":
-        return {"type": "json_object", "schema": schema}
-    if kind == "json_schema":
-        return {"type": "json_schema", "json_schema": {"name": name, "schema": schema, "strict": True}}
-    return None
-
-
-def detect_response_format(client: Any, model: str) -> str:
-    """Probe once (cached per base_url+model) which schema-constrained ``response_format`` works.
-
-    Returns ``"json_object_schema"`` (llama-cpp-python), ``"json_schema"`` (OpenAI, vLLM, ...) or
-    ``"none"``. A variant counts only if the answer obeys a schema the model would not guess unaided.
+    ``"json_schema"`` (OpenAI, vLLM, ...), ``"json_object"`` (llama-cpp-python: with the schema
+    beside it) or ``"none"``; see :meth:`evolve.llm.client.ChatClient.probe_response_format`.
     """
-    import openai
-
-    key = (str(client.base_url), model)
-    if key in _detected:
-        return _detected[key]
-    messages = [
-        {"role": "user", "content": 'What is your favourite colour? Answer as JSON: {"color": "..."}'}
-    ]
-    kind = "none"
-    for candidate in ("json_object_schema", "json_schema"):
-        try:
-            r = client.chat.completions.create(
-                model=model, messages=messages, max_tokens=24, temperature=0,
-                response_format=response_format_for(candidate, _PROBE_SCHEMA, "probe"),
-            )  # fmt: skip
-            if json.loads(r.choices[0].message.content or "").get("color") == "zqx-violet":
-                kind = candidate
-                break
-        except (openai.APIStatusError, ValueError, AttributeError):  # connection errors propagate
-            continue
-    _detected[key] = kind
-    return kind
+    return ChatClient(
+        model, base_url=base_url, api_key_env=api_key_env, max_retries=0
+    ).probe_response_format()
 
 
 # ------------------------------------------------------------------------------------------- probe
@@ -709,29 +678,33 @@ def _action_request(client: Any, model: str, rf: dict[str, Any] | None, nonce: s
 
 
 def probe(
-    base_url: str, model: str | None = None, *, n: int = 3, api_key: str = "sk-local"
+    base_url: str, model: str | None = None, *, n: int = 3, api_key_env: str = "OPENAI_API_KEY"
 ) -> dict[str, Any]:
     """Smoke-test an OpenAI-compatible endpoint; returns the measured numbers (also printed as a table)."""
     import openai
 
-    client = openai.OpenAI(base_url=base_url, api_key=api_key, timeout=300, max_retries=0)
+    lister = ChatClient(model or "", base_url=base_url, api_key_env=api_key_env, timeout_s=300, max_retries=0)
     try:
-        ids = [m.id for m in client.models.list().data]
+        ids = [m.id for m in lister.openai().models.list().data]
     except openai.APIError as e:
         raise LocalLLMError(f"cannot list models at {base_url}: {e}") from None
     model = model or (ids[0] if ids else None)
     if not model:
         raise LocalLLMError(f"{base_url} serves no model; pass --model")
+    chat = ChatClient(model, base_url=base_url, api_key_env=api_key_env, timeout_s=300, max_retries=0)
+    client = chat.openai()  # streaming and tool calls go straight through the openai client
     res: dict[str, Any] = {"base_url": base_url, "model": model, "served_models": ids}
 
     t0 = time.monotonic()
-    kind = detect_response_format(client, model)
+    kind = chat.probe_response_format()
     res["response_format"], res["detect_s"] = kind, round(time.monotonic() - t0, 2)
     rf = response_format_for(kind, ACTION_SCHEMA, "action")
 
     # prompt token count for the action prompt (usage of a 1-token request)
-    r = client.chat.completions.create(model=model, messages=_action_messages("count"), max_tokens=1)
-    prompt_tokens = r.usage.prompt_tokens if r.usage else None
+    try:
+        prompt_tokens = chat.complete(_action_messages("count"), max_tokens=1).usage.prompt_tokens or None
+    except LLMError as e:
+        raise LocalLLMError(str(e)) from None
     runs = [_action_request(client, model, rf, uuid.uuid4().hex[:8]) for _ in range(n)]
     warm = _action_request(client, model, rf, "count")  # same prefix as the count request: KV-cache reuse
     med = statistics.median
@@ -747,15 +720,13 @@ def probe(
     })  # fmt: skip
 
     try:
-        r = client.chat.completions.create(
-            model=model, messages=[{"role": "user", "content": "Say yes or no."}],
-            max_tokens=2, temperature=0, logprobs=True, top_logprobs=5,
-        )  # fmt: skip
-        lp = r.choices[0].logprobs
-        top = lp.content[0].top_logprobs if lp and lp.content else []
+        out = chat.complete(
+            [{"role": "user", "content": "Say yes or no."}], max_tokens=2, temperature=0, top_logprobs=5
+        )
+        top = out.logprobs.top_tokens[0] if out.logprobs and out.logprobs.top_tokens else []
         res["top_logprobs"] = f"yes ({len(top)} alternatives)" if top else "no"
-    except openai.APIError as e:
-        res["top_logprobs"] = f"no (HTTP {getattr(e, 'status_code', '?')})"
+    except LLMError as e:
+        res["top_logprobs"] = f"no (HTTP {e.status or '?'})"
 
     params = {"type": "object", "properties": {"command": {"type": "string"}}, "required": ["command"]}
     tools = [
@@ -808,7 +779,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--base-url", default=f"http://127.0.0.1:{DEFAULT_PORT}/v1")
     p.add_argument("--model")
     p.add_argument("--n", type=int, default=3, help="timed JSON action requests")
-    p.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY", "sk-local"))
+    p.add_argument("--api-key-env", default="OPENAI_API_KEY", help="NAME of the env variable holding the key")
     p.add_argument("--json-out", help="also write the results as JSON here")
     return ap
 
@@ -829,7 +800,7 @@ def main(argv: list[str] | None = None) -> int:
             return status()
         if args.cmd == "stop":
             return stop(args.port)
-        res = probe(args.base_url, args.model, n=args.n, api_key=args.api_key)
+        res = probe(args.base_url, args.model, n=args.n, api_key_env=args.api_key_env)
         if args.json_out:
             Path(args.json_out).write_text(json.dumps(res, indent=2) + "\n")
         return 0

@@ -93,13 +93,28 @@ def run(
 def eval_(
     job: Path | None = typer.Argument(None, help="Job YAML; none = the embedded quickstart."),
     run_id: str | None = typer.Option(None, "--run-id"),
+    adapt: int = typer.Option(
+        0,
+        "--adapt",
+        help="ADAPT (CLIN's protocol) instead of the arms: the first N eval tasks, each over --trials "
+        "trials, memory distilled from the task's earlier trials before each one.",
+    ),
+    trials: int = typer.Option(5, "--trials", help="Trials per task for --adapt."),
+    adapt_start: str = typer.Option(
+        "empty",
+        "--adapt-start",
+        help="Memory at trial 1 for --adapt: empty | knowledge (the store's active).",
+    ),
 ) -> None:
-    """Run only the eval stage of a job (its knowledge must already be distilled)."""
+    """Run only the eval stage of a job (its knowledge must already be distilled), or ADAPT."""
     from evolve.config import load_job
-    from evolve.pipeline import run_job
+    from evolve.pipeline import adapt_job, run_job
 
     cfg = load_job(job)
-    result = run_job(cfg, stages=["eval"], run_id=run_id, console=console)
+    if adapt:
+        result = adapt_job(cfg, adapt, trials, adapt_start, run_id=run_id, console=console)
+    else:
+        result = run_job(cfg, stages=["eval"], run_id=run_id, console=console)
     if result.get("report"):
         console.print(f"\n[bold green]report:[/] {result['report']}")
 
@@ -217,7 +232,7 @@ def skills_list(
     for c in ("id", "kind", "status", "v", "conf", "effect", "text"):
         t.add_column(c)
     for it in items:
-        kind = "skill" if it.id.startswith("skill") or hasattr(it, "preconditions") else "guardrail"
+        kind = it.kind
         eff = "" if it.stats.effect is None else f"{it.stats.effect:+.2f}"
         t.add_row(
             it.id, kind, it.status.value, str(it.version), f"{it.stats.confidence:.2f}", eff, it.text()[:80]

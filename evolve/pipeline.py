@@ -16,12 +16,44 @@ from typing import Any
 
 from rich.console import Console
 
+from evolve.agents.collect import EnvSpec
 from evolve.config import JobConfig
 from evolve.errors import ConfigError
-from evolve.schema import Outcome, Split, Trajectory
+from evolve.eval import Episodes, Memory, ProbationRunner, record_usage, task_ids
+from evolve.schema import Knowledge, Outcome, Split, Trajectory
 from evolve.stores import ExperienceStore, make_embedder
 
 log = logging.getLogger("evolve.pipeline")
+
+
+def memory_for(
+    store: ExperienceStore,
+    namespace: str,
+    embedder: str,
+    *,
+    env: str | None = None,
+    config: Any = None,
+    raw_kwargs: dict[str, Any] | None = None,
+) -> Memory:
+    """The skills package wired into the eval harness: evolve / raw-trajectory hooks, snapshots
+    distilled from trajectories alone (items the store retired left out), usage per item."""
+    from evolve.skills import EvolveMemory, RawTrajectoryMemory, distill_snapshot, usage_from_trajectories
+
+    evolve_kw: dict[str, Any] = {"embedder": embedder}
+    if env is not None:
+        evolve_kw["env"] = env
+    if config is not None:
+        evolve_kw["config"] = config
+    return Memory(
+        evolve=lambda knowledge: EvolveMemory.factory(list(knowledge), **evolve_kw),
+        raw=lambda trajs: RawTrajectoryMemory.factory(list(trajs), embedder=embedder, **(raw_kwargs or {})),
+        distill=lambda trajs: list(distill_snapshot(trajs, store, namespace)),
+        usage=usage_from_trajectories,
+    )
+
+
+def active_knowledge(store: ExperienceStore, namespace: str) -> list[Knowledge]:
+    return [*store.skills(namespace, status="active"), *store.guardrails(namespace, status="active")]
 
 
 class Ctx:
@@ -34,100 +66,51 @@ class Ctx:
         self.console = console
         self.ns = cfg.store.namespace
         self.run_dir = cfg.run_path
+        self.memory = memory_for(store, self.ns, cfg.store.embedder)
 
     @property
-    def env_spec(self) -> dict[str, Any]:
-        return {"name": self.cfg.env.name, "kwargs": dict(self.cfg.env.kwargs)}
+    def env_spec(self) -> EnvSpec:
+        return EnvSpec(name=self.cfg.env.name, kwargs=dict(self.cfg.env.kwargs))
 
     def policy(self, key: str) -> dict[str, Any]:
         return self.cfg.policies[key].model_dump(exclude_none=True)
 
-    def done_keys(self, arm: str) -> set[tuple[str, int | None]]:
-        rows = self.store.conn.execute(
-            "SELECT task_id, seed FROM trajectories WHERE namespace = ? AND run_id = ? AND arm = ?",
-            [self.ns, self.run_id, arm],
-        ).fetchall()
-        return {(r[0], r[1]) for r in rows}
-
     def trajs(self, arm: str | None = None, split: str | None = None) -> list[Trajectory]:
         return self.store.trajectories(self.ns, run_id=self.run_id, arm=arm, split=split)
 
+    def episodes(
+        self, policy_key: str, *, split: str, seeds: list[int], max_steps: int, workers: int
+    ) -> Episodes:
+        """Episodes of this run with the policy ``policy_key``; finished ones are never rerun."""
 
-def _tasks(ctx: Ctx, split: str, episodes: int | None) -> list[str]:
-    from evolve.envs import make_env
+        def announce(arm: str, n: int, seed: int) -> None:
+            self.console.print(f"[cyan]{arm}[/]: {n} episodes on {split} (seed {seed})")
 
-    env = make_env(ctx.cfg.env.name, **ctx.cfg.env.kwargs)
-    try:
-        tasks = env.tasks(Split(split))
-    finally:
-        env.close()
-    ids = [t.id for t in tasks]
-    if episodes is not None:
-        ids = ids[:episodes]
-    if not ids:
-        raise ConfigError(f"env '{ctx.cfg.env.name}' has no tasks in split '{split}'; check env.kwargs")
-    return ids
-
-
-def _episodes(
-    ctx: Ctx,
-    *,
-    arm: str,
-    policy_key: str,
-    split: str,
-    task_ids: list[str],
-    seeds: list[int],
-    max_steps: int,
-    workers: int,
-    hooks_factory: Any = None,
-) -> list[Trajectory]:
-    """Run the missing (task, seed) episodes of an arm; already-recorded ones are kept, not rerun."""
-    from evolve.agents.collect import collect
-
-    done = ctx.done_keys(arm)
-    for seed in seeds:
-        todo = [t for t in task_ids if (t, seed) not in done]
-        if not todo:
-            continue
-        ctx.console.print(
-            f"[cyan]{arm}[/]: {len(todo)} episodes on {split} (seed {seed}, policy {policy_key})"
-        )
-        collect(
-            ctx.env_spec,
-            ctx.policy(policy_key),
+        return Episodes(
+            self.store,
+            self.env_spec,
+            self.policy(policy_key),
+            namespace=self.ns,
+            run_id=self.run_id,
             split=split,
-            tasks=todo,
-            workers=workers,
-            store=ctx.store,
-            namespace=ctx.ns,
-            run_id=ctx.run_id,
+            seeds=seeds,
             max_steps=max_steps,
-            hooks_factory=hooks_factory,
-            arm=arm,
-            seed=seed,
-            progress=True,
+            workers=workers,
+            announce=announce,
         )
-    keep = set(task_ids)
-    return [t for t in ctx.trajs(arm=arm) if t.task_id in keep and t.seed in seeds]
 
 
 # --------------------------------------------------------------------------------------- stages
 def stage_collect(ctx: Ctx) -> dict[str, Any]:
     st = ctx.cfg.stages.collect
     assert st is not None
-    task_ids = _tasks(ctx, st.split, st.episodes)
+    ids = task_ids(ctx.env_spec, st.split, st.episodes)
     out: dict[str, Any] = {}
     for key in [st.policy, *st.also]:
-        trajs = _episodes(
-            ctx,
-            arm=f"collect:{key}",
-            policy_key=key,
-            split=st.split,
-            task_ids=task_ids,
-            seeds=st.seeds,
-            max_steps=st.max_steps,
-            workers=st.workers,
+        episodes = ctx.episodes(
+            key, split=st.split, seeds=st.seeds, max_steps=st.max_steps, workers=st.workers
         )
+        trajs = episodes.run(f"collect:{key}", ids)
         out[key] = {"episodes": len(trajs), "success": sum(t.success for t in trajs)}
     return out
 
@@ -157,7 +140,8 @@ def stage_diagnose(ctx: Ctx) -> dict[str, Any]:
 
 
 def _distill(ctx: Ctx, trajs: list[Trajectory], tag: str) -> dict[str, Any]:
-    """Distill knowledge from ``trajs`` into the store, then run probation on held-out tasks."""
+    """Distill knowledge from ``trajs`` into the store, run probation on held-out tasks, and write
+    the probation episodes' usage back to the store."""
     from evolve.skills import distill_knowledge, run_probation
 
     st = ctx.cfg.stages.distill
@@ -165,32 +149,26 @@ def _distill(ctx: Ctx, trajs: list[Trajectory], tag: str) -> dict[str, Any]:
     skills, guards = distill_knowledge(trajs, store=ctx.store, namespace=ctx.ns, min_support=st.min_support)
     info: dict[str, Any] = {"skills": len(skills), "guardrails": len(guards)}
     if st.probation.enabled and (skills or guards):
-        task_ids = _tasks(ctx, st.probation.split, st.probation.episodes)
-        policy_key = ctx.cfg.stages.eval.policy if ctx.cfg.stages.eval else "student"
-        emb = ctx.cfg.store.embedder
-
-        def runner(knowledge: list[Any] | None, tasks: list[str], arm: str) -> list[Trajectory]:
-            factory = None if knowledge is None else _evolve_factory(knowledge, emb)
-            return _episodes(
-                ctx,
-                arm=f"probation:{tag}:{arm}",
-                policy_key=policy_key,
-                split=st.probation.split,
-                task_ids=tasks,
-                seeds=st.probation.seeds,
-                max_steps=ctx.cfg.stages.eval.max_steps if ctx.cfg.stages.eval else 40,
-                workers=ctx.cfg.stages.eval.workers if ctx.cfg.stages.eval else 1,
-                hooks_factory=factory,
-            )
-
-        info["probation"] = run_probation(ctx.store, [*skills, *guards], runner, task_ids, namespace=ctx.ns)
+        ev = ctx.cfg.stages.eval
+        episodes = ctx.episodes(
+            ev.policy if ev else "student",
+            split=st.probation.split,
+            seeds=st.probation.seeds,
+            max_steps=ev.max_steps if ev else 40,
+            workers=ev.workers if ev else 1,
+        )
+        runner = ProbationRunner(episodes, ctx.memory, label=lambda arm, _k: f"probation:{tag}:{arm}")
+        ids = task_ids(ctx.env_spec, st.probation.split, st.probation.episodes)
+        info["probation"] = run_probation(ctx.store, [*skills, *guards], runner, ids, namespace=ctx.ns)
+        info["usage_written"] = record_usage(
+            ctx.store,
+            ctx.memory,
+            runner.trajectories,
+            run_id=ctx.run_id,
+            label=f"probation:{tag}",
+            namespace=ctx.ns,
+        )
     return info
-
-
-def _evolve_factory(knowledge: list[Any], embedder: str) -> Any:
-    from evolve.skills import EvolveMemory
-
-    return EvolveMemory.factory(knowledge, embedder=embedder)
 
 
 def stage_distill(ctx: Ctx) -> dict[str, Any]:
@@ -219,9 +197,7 @@ def stage_synth(ctx: Ctx) -> dict[str, Any]:
 
 
 def _privileged(ctx: Ctx, trajs: list[Trajectory]) -> dict[str, Any]:
-    from evolve.envs import make_env
-
-    env = make_env(ctx.cfg.env.name, **ctx.cfg.env.kwargs)
+    env = ctx.env_spec.make()
     out = {}
     try:
         for tid in sorted({t.task_id for t in trajs if not t.success}):
@@ -240,9 +216,73 @@ def stage_train(ctx: Ctx) -> dict[str, Any]:
 
 
 def stage_eval(ctx: Ctx) -> dict[str, Any]:
-    from evolve.eval.harness import evaluate_job
+    """Every configured arm on the eval split (resumably), the learning curve, usage written back,
+    then report.md + plots."""
+    from evolve.eval import (
+        EvalReport,
+        arm_metrics,
+        compare_arms,
+        knowledge_counts,
+        learning_curve,
+        print_report,
+        run_arms,
+        write_report,
+    )
 
-    return evaluate_job(ctx)
+    st = ctx.cfg.stages.eval
+    assert st is not None
+    ids = task_ids(ctx.env_spec, st.split, st.episodes)
+    train = [t for t in ctx.trajs() if t.arm.startswith("collect:") and t.split == Split.train]
+    episodes = ctx.episodes(
+        st.policy, split=st.split, seeds=st.seeds, max_steps=st.max_steps, workers=st.workers
+    )
+    oracle = next((k for k, p in ctx.cfg.policies.items() if p.kind == "oracle"), None)
+    results = run_arms(
+        episodes,
+        ctx.memory,
+        st.arms,
+        ids,
+        knowledge=active_knowledge(ctx.store, ctx.ns),
+        train=train,
+        policies={"oracle": ctx.policy(oracle)} if oracle else {},
+    )
+    used = record_usage(
+        ctx.store,
+        ctx.memory,
+        [t for trajs in results.values() for t in trajs],
+        run_id=ctx.run_id,
+        label="eval",
+        namespace=ctx.ns,
+    )
+    curve = []
+    if st.learning_curve:
+        order = sorted(train, key=lambda t: (t.created_at, t.id))
+        curve = learning_curve(episodes, ctx.memory, order, st.learning_curve, ids, n_boot=st.bootstrap)
+    arms = [arm_metrics(a, ts, st.bootstrap) for a, ts in results.items()]
+    distill = ctx.cfg.stages.distill
+    report = EvalReport(
+        title=f"evolve eval: {ctx.cfg.name}",
+        env=ctx.cfg.env.name,
+        split=st.split,
+        policy=f"{st.policy} ({ctx.cfg.policies[st.policy].kind})",
+        arms=arms,
+        comparisons=compare_arms(results, st.bootstrap),
+        curve=curve,
+        knowledge={"counts": knowledge_counts(ctx.store, ctx.ns), "train_episodes": len(train)},
+        notes=[
+            f"Held-out tasks: {len(ids)} x seeds {st.seeds}; knowledge distilled from train episodes only, "
+            f"activated by probation on {distill.probation.split if distill else '-'} tasks.",
+            f"Run id {ctx.run_id}; trajectories are in {ctx.cfg.store_path} (namespace {ctx.ns}).",
+        ],
+    )
+    files = write_report(report, ctx.run_dir)
+    print_report(report, ctx.console)
+    return {
+        "report": str(files["report"]),
+        "success": {m.arm: round(m.success.mean, 3) for m in arms},
+        "episodes_per_arm": len(ids) * len(st.seeds),
+        "usage_written": used,
+    }
 
 
 STAGE_FNS = {
@@ -277,15 +317,11 @@ def run_job(
         enabled = [s for s in enabled if s in stages]
     run_id = run_id or cfg.name
     run_dir = cfg.run_path
-    run_dir.mkdir(parents=True, exist_ok=True)
-    _setup_log(run_dir / "run.log")
-    embedder = make_embedder(None if cfg.store.embedder == "default" else cfg.store.embedder)
-    store = ExperienceStore(cfg.store_path, namespace=cfg.store.namespace, embedder=embedder)
+    store = _open_store(cfg)
     result: dict[str, Any] = {"run_id": run_id, "stages": {}}
     try:
         if fresh:
-            with store.transaction():
-                store.conn.execute("DELETE FROM run_stages WHERE run_id = ?", [run_id])
+            store.reset_stages(run_id)
         store.upsert_run(run_id, cfg.model_dump(mode="json"), "running", cfg.store.namespace)
         ctx = Ctx(cfg, store, run_id, console)
         done = store.stages(run_id)
@@ -317,6 +353,78 @@ def run_job(
     return result
 
 
+def adapt_job(
+    cfg: JobConfig,
+    tasks: int,
+    trials: int = 5,
+    start: str = "empty",
+    run_id: str | None = None,
+    console: Console | None = None,
+) -> dict[str, Any]:
+    """ADAPT (CLIN's protocol) on the job's eval split: the first ``tasks`` tasks, each over
+    ``trials`` trials with the eval policy; before trial k, knowledge is distilled from that task's
+    trials 1..k-1 only, on top of nothing (``start="empty"``) or the store's active knowledge
+    (``"knowledge"``). Resumable; writes ``<run_dir>/adapt/report.md`` and ``adapt.png``."""
+    from evolve.eval import EvalReport, adapt, print_report, write_report
+
+    console = console or Console()
+    st = cfg.stages.eval
+    if st is None:
+        raise ConfigError(
+            "evolve eval --adapt needs stages.eval in the job (its policy, split and max_steps)"
+        )
+    if start not in ("empty", "knowledge"):
+        raise ConfigError(f"--adapt-start must be 'empty' or 'knowledge', got {start!r}")
+    if tasks < 1:
+        raise ConfigError(f"--adapt needs at least one task, got {tasks}")
+    run_id = run_id or cfg.name
+    store = _open_store(cfg)
+    try:
+        ctx = Ctx(cfg, store, run_id, console)
+        ids = task_ids(ctx.env_spec, st.split, tasks)
+        base = active_knowledge(store, ctx.ns) if start == "knowledge" else []
+        episodes = ctx.episodes(
+            st.policy, split=st.split, seeds=st.seeds[:1], max_steps=st.max_steps, workers=1
+        )
+        console.rule(f"[bold]ADAPT[/] {cfg.name}: {len(ids)} tasks x {trials} trials, memory starts {start}")
+        points = adapt(
+            episodes,
+            ctx.memory,
+            ids,
+            trials=trials,
+            seed=st.seeds[0],
+            base_knowledge=base,
+            label=lambda k: f"adapt:{start}:{k}",
+            n_boot=st.bootstrap,
+            log=lambda msg: console.print(f"[dim]{msg}[/]"),
+        )
+        used = 0
+        if base:
+            trajs = [t for k in range(1, trials + 1) for t in ctx.trajs(arm=f"adapt:{start}:{k}")]
+            used = record_usage(store, ctx.memory, trajs, run_id=run_id, label="adapt", namespace=ctx.ns)
+        report = EvalReport(
+            title=f"evolve ADAPT: {cfg.name}",
+            env=cfg.env.name,
+            split=st.split,
+            policy=f"{st.policy} ({cfg.policies[st.policy].kind})",
+            adapt=points,
+            adapt_title=f"ADAPT: same task, {trials} trials, memory carried (start: {start})",
+            notes=[f"Run id {run_id}; trajectories are in {cfg.store_path} (namespace {ctx.ns})."],
+        )
+        files = write_report(report, cfg.run_path / "adapt")
+        print_report(report, console, detailed=True)
+    finally:
+        store.close()
+    return {"report": str(files["report"]), "adapt": [p.model_dump() for p in points], "usage_written": used}
+
+
+def _open_store(cfg: JobConfig) -> ExperienceStore:
+    cfg.run_path.mkdir(parents=True, exist_ok=True)
+    _setup_log(cfg.run_path / "run.log")
+    embedder = make_embedder(None if cfg.store.embedder == "default" else cfg.store.embedder)
+    return ExperienceStore(cfg.store_path, namespace=cfg.store.namespace, embedder=embedder)
+
+
 def _short(data: dict[str, Any]) -> str:
     s = ", ".join(f"{k}={v}" for k, v in data.items() if k != "seconds" and not isinstance(v, (dict, list)))
     return s or ", ".join(data)
@@ -334,4 +442,4 @@ def _setup_log(path: Path) -> None:
     root.setLevel(logging.INFO)
 
 
-__all__ = ["Outcome", "run_job"]
+__all__ = ["Ctx", "Outcome", "active_knowledge", "adapt_job", "memory_for", "run_job"]

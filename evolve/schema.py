@@ -12,7 +12,7 @@ import json
 import uuid
 from datetime import datetime, timezone
 from enum import Enum
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -250,6 +250,9 @@ class Step(_Model):
     error: str | None = None
     retrieved: list[str] = Field(default_factory=list)
     """Ids of the skills/guardrails that were injected for this step."""
+    memory_prompt: str = ""
+    """The memory block the policy was shown for this step, verbatim ('' when none): with the
+    goal and the earlier steps it re-renders the exact prompt (``evolve.llm.prompts.step_messages``)."""
 
     @property
     def observation(self) -> str:
@@ -327,15 +330,36 @@ class KnowledgeStats(_Model):
         return (self.successes + 1) / (self.uses + 2)
 
 
-class Skill(_Model):
-    """A reusable procedure distilled from successful segments."""
+class Knowledge(_Model):
+    """What skills and guardrails share: ownership, lifecycle (status, versions), usage and provenance."""
+
+    kind: ClassVar[str] = ""
+    """``"skill"`` or ``"guardrail"``: the store's table family and the retrieval logs use it."""
 
     schema_version: int = SCHEMA_VERSION
-    id: str = Field(default_factory=lambda: new_id("skill"))
+    id: str = ""
     namespace: str = "default"
     env: str = ""
-    name: str
     description: str = ""
+    signature: str = ""
+    status: KnowledgeStatus = KnowledgeStatus.candidate
+    stats: KnowledgeStats = Field(default_factory=KnowledgeStats)
+    provenance: list[str] = Field(default_factory=list)
+    """Ids of the source trajectories."""
+    version: int = 1
+    parent_id: str | None = None
+    created_at: datetime = Field(default_factory=utcnow)
+
+    def text(self) -> str:
+        raise NotImplementedError
+
+
+class Skill(Knowledge):
+    """A reusable procedure distilled from successful segments."""
+
+    kind: ClassVar[str] = "skill"
+    id: str = Field(default_factory=lambda: new_id("skill"))
+    name: str
     preconditions: list[str] = Field(default_factory=list)
     """State predicates that must hold to apply it (``has(knife)``, ``at(kitchen)``)."""
     steps: list[str] = Field(default_factory=list)
@@ -344,15 +368,7 @@ class Skill(_Model):
     """Values each slot took in the source episodes."""
     verification: list[str] = Field(default_factory=list)
     """Predicate changes that mark the skill as having succeeded."""
-    signature: str = ""
     tags: list[str] = Field(default_factory=list)
-    status: KnowledgeStatus = KnowledgeStatus.candidate
-    stats: KnowledgeStats = Field(default_factory=KnowledgeStats)
-    provenance: list[str] = Field(default_factory=list)
-    """Ids of the source trajectories."""
-    version: int = 1
-    parent_id: str | None = None
-    created_at: datetime = Field(default_factory=utcnow)
 
     def text(self) -> str:
         pre = "; ".join(self.preconditions) or "none"
@@ -364,15 +380,12 @@ class GuardrailScope(str, Enum):
     task = "task"
 
 
-class Guardrail(_Model):
+class Guardrail(Knowledge):
     """A constraint distilled from failures; enforced before an action runs."""
 
-    schema_version: int = SCHEMA_VERSION
+    kind: ClassVar[str] = "guardrail"
     id: str = Field(default_factory=lambda: new_id("guard"))
-    namespace: str = "default"
-    env: str = ""
     root_cause: FailureCause
-    description: str = ""
     trigger: list[str] = Field(default_factory=list)
     """State predicates under which the guardrail applies; empty = always within scope."""
     forbidden_action: str
@@ -380,13 +393,6 @@ class Guardrail(_Model):
     scope: GuardrailScope = GuardrailScope.task
     task_pattern: str = ""
     """For scope=task: regex over the task goal that the guardrail applies to ('' = any)."""
-    signature: str = ""
-    status: KnowledgeStatus = KnowledgeStatus.candidate
-    stats: KnowledgeStats = Field(default_factory=KnowledgeStats)
-    provenance: list[str] = Field(default_factory=list)
-    version: int = 1
-    parent_id: str | None = None
-    created_at: datetime = Field(default_factory=utcnow)
 
     def text(self) -> str:
         when = "; ".join(self.trigger) or "always"
@@ -441,6 +447,33 @@ class RetrievalLog(_Model):
     injected: bool
     reason: str = ""
     outcome: str | None = None
+    query: str = ""
+    """The text the candidates were retrieved for (state, goal, subgoal): the reranker's query."""
+    rank: int | None = None
+    """Position among the step's candidates of this kind, best first (0-based)."""
+    similarity: float | None = None
+    """The hybrid-search score (dense + keyword) before applicability and reranking."""
+    rerank_score: float | None = None
+    """The reranker's score when one ran."""
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class TeacherLogprobs(_Model):
+    """A teacher's top-k log-probs for one scored sequence, cached by prompt hash.
+
+    Compact on purpose (what an API teacher gives back): per position the top-k token ids and their
+    log-probs (float16 in the store), plus the log of the probability mass outside the top k.
+    """
+
+    prompt_hash: str
+    teacher: str
+    """Which teacher answered (model name @ endpoint, or a local path): part of the cache key."""
+    token_ids: list[list[int]] = Field(default_factory=list)
+    """``[position][k]`` top-k token ids."""
+    logprobs: list[list[float]] = Field(default_factory=list)
+    """``[position][k]`` their log-probs."""
+    tail_logprob: list[float] = Field(default_factory=list)
+    """``[position]`` log(1 - sum(exp(top-k))), the tail bucket (``-inf`` when the top k hold it all)."""
     created_at: datetime = Field(default_factory=utcnow)
 
 

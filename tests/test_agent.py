@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import time
 from typing import Any, TypedDict
 
 import pytest
@@ -114,9 +115,34 @@ def test_oracle_replays_gold_path_to_success(tw, tw_tasks):
         for i, s in enumerate(traj.steps):
             assert s.index == i and s.diagnosis is not None
             assert s.action.source == ActionSource.oracle
-            assert s.timings.total_s >= s.timings.env_s > 0
+            t = s.timings
+            assert t.total_s >= t.memory_s + t.policy_s + t.env_s and t.env_s > 0
         # Consecutive steps share the observation object, which the store stores once.
         assert all(b.pre_state is a.post_state for a, b in zip(traj.steps, traj.steps[1:]))
+
+
+def test_step_timings_charge_each_stage_its_own_time(tw, tw_tasks):
+    # Each stage sleeps a different, known time: a bucket charged with another stage's time fails.
+    class SlowEnv(SpyEnv):
+        def step(self, action: str) -> Observation:
+            time.sleep(0.04)
+            return super().step(action)
+
+    class SlowMemory(NoHooks):
+        def retrieve(self, obs, history):
+            time.sleep(0.01)
+            return MemoryContext()
+
+    def script(obs, memory, call):
+        time.sleep(0.02)
+        return "inventory"
+
+    traj = run_episode(SlowEnv(tw), ScriptPolicy(script), tw_tasks[0], hooks=SlowMemory(), max_steps=2)
+    assert len(traj.steps) == 2
+    for s in traj.steps:
+        t = s.timings
+        assert t.memory_s >= 0.01 and t.policy_s >= 0.02 and t.env_s >= 0.04
+        assert t.total_s >= t.memory_s + t.policy_s + t.env_s
 
 
 def test_random_fails_sometimes(tw, tw_tasks):
@@ -153,6 +179,9 @@ def test_guardrail_blocked_three_times_records_failed_step(tw, tw_tasks):
     assert policy.calls == 6  # per step: asked once + 2 re-asks
     assert [len(m.notes) for m in policy.memories] == [0, 1, 2, 0, 1, 2]
     assert len(traj.steps) == 2
+    # The memory block recorded is the one of the last ask, not the one with the final block note.
+    assert [s.memory_prompt for s in traj.steps] == [policy.memories[i].prompt_text() for i in (2, 5)]
+    assert traj.steps[0].memory_prompt.count("was blocked") == 2
     for s in traj.steps:
         assert s.post_state.info["guardrail_blocked"] == "never 'go north'"
         assert s.post_state.info["guardrail_id"] == "guard-test"

@@ -73,3 +73,42 @@ def test_adapt_curve_carries_memory_between_trials(tmp_path: Path) -> None:
     evolution.main(_args(out, "--skip-arms", "--adapt-tasks", "2", "--adapt-trials", "3"))
     with ExperienceStore(out / "store.duckdb", namespace=ns, embedder="hash") as store:
         assert len(store.trajectories(ns)) == n_before
+
+
+def test_arms_curve_and_usage_write_back(tmp_path: Path) -> None:
+    out = tmp_path / "arms"
+    argv = [a for a in _args(out, "--curve", "0,all", "--curve-tasks", "1") if a != "--no-probation"]
+    # (the later --curve wins over the default "" of _args)
+    evolution.main(argv)
+    res = json.loads((out / "results.json").read_text())
+    assert list(res["arms"]) == ["no_memory", "raw_retrieval", "evolve"]
+    assert all(m["episodes"] == 2 for m in res["arms"].values())
+    assert set(res["comparisons"]) == {"no_memory", "raw_retrieval"}
+    assert [p["train_episodes"] for p in res["curve"]] == [0, 3]
+    assert "probation" in res["knowledge"] and "counts" in res["knowledge"]
+    for f in (
+        "report.md",
+        "success_by_arm.png",
+        "score_by_arm.png",
+        "failure_causes.png",
+        "learning_curve.png",
+    ):
+        assert (out / f).stat().st_size > 0, f
+
+    def uses(store: ExperienceStore) -> dict[str, int]:
+        return {
+            k.id: k.stats.uses for k in [*store.skills(res["namespace"]), *store.guardrails(res["namespace"])]
+        }
+
+    with ExperienceStore(out / "store.duckdb", namespace=res["namespace"], embedder="hash") as store:
+        before = uses(store)
+        used = {
+            k
+            for t in store.trajectories(run_id="eval:evolve")
+            for k in (t.metadata.get("evolve") or {}).get("used", {})
+        }
+    # Every item the evolve arm used has its uses written back.
+    assert used and all(before.get(k, 0) > 0 for k in used if k in before)
+    evolution.main(argv)  # a rerun resumes and counts nothing twice
+    with ExperienceStore(out / "store.duckdb", namespace=res["namespace"], embedder="hash") as store:
+        assert uses(store) == before

@@ -8,7 +8,16 @@ import os
 import pytest
 
 from evolve.agents.base import NoHooks
-from evolve.agents.collect import EnvSpec, collect, done_episodes, plan_episodes
+from evolve.agents.collect import (
+    EnvSpec,
+    WorkerSettings,
+    WorkerSpec,
+    collect,
+    done_episodes,
+    plan_episodes,
+    run_missing,
+)
+from evolve.agents.specs import PolicySpec
 from evolve.envs import register_env
 from evolve.envs.textworld_env import TextWorldEnv
 from evolve.errors import ConfigError, EnvCrashed
@@ -189,6 +198,10 @@ class LoggingHooks(NoHooks):
                 score=0.5,
                 applicable=True,
                 injected=False,
+                query=f"goal: step {step.index}",
+                rank=step.index % 3,
+                similarity=0.25,
+                rerank_score=1.5,
             )
         )
         return None
@@ -214,3 +227,98 @@ def test_retrieval_logs_from_hooks_reach_the_store(tmp_path):
         logs = store.retrieval_logs(trajectory_id=traj.id)
     assert [r.step_index for r in logs] == list(range(len(traj.steps)))
     assert all(r.namespace == "l" and r.knowledge_id == "skill-x" for r in logs)
+    # The reranker's training data: the query and each candidate's rank and scores survive.
+    assert [r.query for r in logs] == [f"goal: step {i}" for i in range(len(traj.steps))]
+    assert [r.rank for r in logs] == [i % 3 for i in range(len(traj.steps))]
+    assert all(r.similarity == 0.25 and r.rerank_score == 1.5 for r in logs)
+
+
+def test_worker_spec_is_typed_and_picklable():
+    import pickle
+
+    spec = WorkerSpec(
+        EnvSpec(name="textworld"), PolicySpec(kind="random"), None, WorkerSettings(max_steps=3, arm="a")
+    )
+    back = pickle.loads(pickle.dumps(spec))
+    assert back == spec and back.settings.max_steps == 3
+    with pytest.raises(AttributeError):
+        spec.settings.max_steps = 4  # frozen
+
+
+def test_run_missing_runs_only_what_the_store_lacks(tmp_path):
+    with ExperienceStore(tmp_path / "m.duckdb", namespace="m") as store:
+        kw = dict(
+            tasks=["tw-custom-s0-q5-w5-o10", "tw-custom-s1-q5-w5-o10"],
+            run_id="r",
+            max_steps=6,
+            progress=False,
+        )
+        calls = []
+        first = run_missing(
+            store,
+            TW,
+            {"kind": "random"},
+            arm="a",
+            seeds=[0, 1],
+            announce=lambda n, s: calls.append((n, s)),
+            **kw,
+        )
+        assert sorted((t.task_id, t.seed) for t in first) == sorted(
+            (t, s) for t in kw["tasks"] for s in (0, 1)
+        )
+        assert calls == [(2, 0), (2, 1)]
+        # Same episodes as a plain collect per seed (seeding unchanged).
+        for seed in (0, 1):
+            plain = collect(TW, {"kind": "random"}, tasks=kw["tasks"], max_steps=6, seed=seed, progress=False)
+            got = sorted(actions([t for t in first if t.seed == seed]))
+            assert got == sorted(actions(plain))
+        calls.clear()
+        again = run_missing(
+            store,
+            TW,
+            {"kind": "random"},
+            arm="a",
+            seeds=[0, 1],
+            announce=lambda n, s: calls.append((n, s)),
+            **kw,
+        )
+        assert calls == [] and sorted(t.id for t in again) == sorted(t.id for t in first)
+        # Another arm of the same run is separate; trials add laps (seed + lap).
+        laps = run_missing(store, TW, {"kind": "random"}, arm="b", seeds=[5], trials=2, **kw)
+        assert sorted(t.seed for t in laps) == [5, 5, 6, 6]
+        assert store.count_trajectories() == 8
+
+
+@pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="ray is not installed (the 'ray' extra)")
+def test_ray_actors_match_one_worker_and_record(tmp_path):
+    import ray
+
+    kw = dict(max_steps=6, seed=3, progress=False)
+    one = collect(TW, {"kind": "random"}, workers=1, **kw)
+    try:
+        # The actors import this module (PidHooks) from the tests folder.
+        here = os.path.dirname(os.path.abspath(__file__))
+        path = os.pathsep.join([here, os.environ.get("PYTHONPATH", "")])
+        ray.init(
+            num_cpus=2,
+            include_dashboard=False,
+            log_to_driver=False,
+            runtime_env={"env_vars": {"PYTHONPATH": path}},
+        )
+        two = collect(
+            TW,
+            {"kind": "random"},
+            workers=2,
+            ray_address="auto",
+            store=tmp_path / "ray.duckdb",
+            namespace="ray",
+            run_id="r",
+            hooks_factory=PidHooks,
+            **kw,
+        )
+    finally:
+        ray.shutdown()
+    assert actions(one) == actions(two)
+    assert all(t.metadata["hooks_pid"] != os.getpid() for t in two)  # built in the actors
+    with ExperienceStore(tmp_path / "ray.duckdb", namespace="ray") as store:
+        assert sorted(actions(store.trajectories(run_id="r"))) == sorted(actions(two))

@@ -1,26 +1,23 @@
 """LLMDiagnoser against a real local HTTP server speaking the OpenAI chat-completions protocol.
 
-The server is a stdlib ``http.server`` that answers with scripted content: a protocol peer for the
-validation / repair / rejection / retry logic. The real ``openai`` client code runs against it.
+The server is :class:`conftest.ChatPeer`, a stdlib ``http.server`` answering scripted content: a
+protocol peer for the validation / repair / rejection / retry logic. The real ``openai`` client
+code (and its own retries) runs against it.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import socket
-import threading
-import time
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 
 from evolve.diagnose import diagnose_trajectory
-from evolve.diagnose import llm as llm_mod
-from evolve.diagnose.llm import LLMDiagnoser, extract_json_object, parse_verdict
+from evolve.diagnose.llm import LLMDiagnoser, parse_verdict
 from evolve.schema import Action, EnvState, FailureCause, Observation, Outcome, Step, Trajectory
+from evolve.text import extract_json_object
 
 VALID = json.dumps(
     {
@@ -31,104 +28,8 @@ VALID = json.dumps(
 )
 
 
-class ChatServer:
-    """Scripted OpenAI-compatible endpoint on 127.0.0.1.
-
-    ``script`` items are consumed one per request (the last one repeats): ``(200, content)`` answers a
-    completion, ``(status, "")`` an error, ``("sleep", seconds)`` stalls then answers VALID.
-    ``reject_formats`` are response_format types refused with 422, as llama-cpp-python does.
-    """
-
-    def __init__(self, script: list[tuple[Any, Any]], reject_formats: tuple[str, ...] = ()) -> None:
-        self.script = list(script)
-        self.reject_formats = reject_formats
-        self.requests: list[dict[str, Any]] = []
-        self.headers: list[dict[str, str]] = []
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: object) -> None:  # keep pytest output clean
-                pass
-
-            def _send(self, status: int, body: dict[str, Any]) -> None:
-                data = json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def do_POST(self) -> None:  # noqa: N802 - http.server's naming
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                server.requests.append(body)
-                server.headers.append(dict(self.headers))
-                if not self.path.endswith("/chat/completions"):
-                    self._send(404, {"error": {"message": "not found"}})
-                    return
-                fmt = (body.get("response_format") or {}).get("type")
-                if fmt in server.reject_formats:
-                    self._send(422, {"detail": [{"msg": f"response_format.type {fmt!r} not permitted"}]})
-                    return
-                kind, arg = server.script.pop(0) if len(server.script) > 1 else server.script[0]
-                if kind == "sleep":
-                    time.sleep(arg)
-                    kind, arg = 200, VALID
-                if kind != 200:
-                    self._send(kind, {"error": {"message": f"scripted {kind}", "type": "server_error"}})
-                    return
-                self._send(
-                    200,
-                    {
-                        "id": "chatcmpl-test",
-                        "object": "chat.completion",
-                        "created": 0,
-                        "model": body.get("model", ""),
-                        "choices": [
-                            {
-                                "index": 0,
-                                "message": {"role": "assistant", "content": arg},
-                                "finish_reason": "stop",
-                            }
-                        ],
-                        "usage": {"prompt_tokens": 10, "completion_tokens": 10, "total_tokens": 20},
-                    },
-                )
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.httpd.block_on_close = False  # a stalled handler must not hold up the test
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
-@pytest.fixture
-def serve() -> Iterator[Any]:
-    servers: list[ChatServer] = []
-
-    def start(script: list[tuple[Any, Any]], **kw: Any) -> ChatServer:
-        servers.append(ChatServer(script, **kw))
-        return servers[-1]
-
-    yield start
-    for s in servers:
-        s.close()
-
-
-@pytest.fixture(autouse=True)
-def fresh_format_cache() -> Iterator[None]:
-    # Detection is cached per endpoint for the process; a reused port must not inherit a verdict.
-    llm_mod._FORMAT_CACHE.clear()
-    yield
-    llm_mod._FORMAT_CACHE.clear()
-
-
 def diagnoser(url: str, **kw: Any) -> LLMDiagnoser:
-    opts: dict[str, Any] = {"timeout": 5.0, "max_retries": 2, "backoff": 0.01}
+    opts: dict[str, Any] = {"timeout": 5.0, "max_retries": 2}
     opts.update(kw)
     return LLMDiagnoser("test-model", url, **opts)
 
@@ -175,8 +76,8 @@ def test_parse_verdict_strict_repair_and_reject() -> None:
 # --------------------------------------------------------------------------- against the server
 
 
-def test_valid_json_is_accepted_and_never_removes_rule_causes(serve: Any) -> None:
-    srv = serve([(200, VALID)])
+def test_valid_json_is_accepted_and_never_removes_rule_causes(chat_peer: Callable[..., Any]) -> None:
+    srv = chat_peer([(200, VALID)])
     traj = failed_episode()
     rule = rule_diagnosis(traj)
     assert rule.cause_names() == ["invalid_action", "precondition_unmet", "loop", "step_limit"]
@@ -195,13 +96,13 @@ def test_valid_json_is_accepted_and_never_removes_rule_causes(serve: Any) -> Non
     assert "> xyzzy" in req["messages"][1]["content"]
 
 
-def test_unknown_cause_names_are_repaired(serve: Any) -> None:
+def test_unknown_cause_names_are_repaired(chat_peer: Callable[..., Any]) -> None:
     content = (
         "Diagnosis follows.\n```json\n"
         '{"root_cause": "It typed gibberish.", "causes": ["Regression", "bad_planning", "loop"], '
         '"evidence": "steps 1-2"}\n```'
     )
-    srv = serve([(200, content)])
+    srv = chat_peer([(200, content)])
     traj = failed_episode()
     out = diagnoser(srv.url).refine(traj)
     assert out.source == "llm" and out.root_cause == "It typed gibberish."
@@ -219,9 +120,9 @@ def test_unknown_cause_names_are_repaired(serve: Any) -> None:
     ],
 )
 def test_garbage_is_rejected_and_rule_diagnosis_kept(
-    serve: Any, caplog: pytest.LogCaptureFixture, content: str
+    chat_peer: Callable[..., Any], caplog: pytest.LogCaptureFixture, content: str
 ) -> None:
-    srv = serve([(200, content)])
+    srv = chat_peer([(200, content)])
     traj = failed_episode()
     with caplog.at_level(logging.WARNING, logger="evolve.diagnose.llm"):
         out = diagnoser(srv.url).refine(traj)
@@ -230,58 +131,59 @@ def test_garbage_is_rejected_and_rule_diagnosis_kept(
     assert "rejected" in caplog.text
 
 
-def test_server_errors_are_retried(serve: Any) -> None:
-    srv = serve([(500, ""), (429, ""), (503, ""), (200, VALID)])
-    out = diagnoser(srv.url, max_retries=3).refine(failed_episode())
-    assert out.source == "llm"
+def test_server_errors_are_retried(chat_peer: Callable[..., Any]) -> None:
+    # The first (probing) request fails transiently; the openai client's own retries take over.
+    srv = chat_peer([(503, ""), (429, ""), (502, ""), (200, VALID)])
+    d = diagnoser(srv.url, max_retries=3)
+    assert d.refine(failed_episode()).source == "llm"
     assert len(srv.requests) == 4
+    assert d.response_format_variant == "json_schema"  # a 503 is not a refusal of the variant
 
 
-def test_retries_exhausted_keeps_rule_diagnosis(serve: Any, caplog: pytest.LogCaptureFixture) -> None:
-    srv = serve([(500, "")])
+def test_retries_exhausted_keeps_rule_diagnosis(
+    chat_peer: Callable[..., Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    srv = chat_peer([(503, "")])
     traj = failed_episode()
     with caplog.at_level(logging.WARNING, logger="evolve.diagnose.llm"):
         out = diagnoser(srv.url, max_retries=2).refine(traj)
     assert out == rule_diagnosis(traj)
     assert len(srv.requests) == 3
-    assert "InternalServerError" in caplog.text
+    assert "LLMServerError" in caplog.text and "HTTP 503 after 3 attempts" in caplog.text
 
 
-def test_timeout_is_retried(serve: Any) -> None:
-    srv = serve([("sleep", 1.0), (200, VALID)])
+def test_timeout_is_retried(chat_peer: Callable[..., Any]) -> None:
+    srv = chat_peer([("sleep", 1.0, VALID), (200, VALID)])
     out = diagnoser(srv.url, timeout=0.3, max_retries=1).refine(failed_episode())
     assert out.source == "llm"
     assert len(srv.requests) == 2
 
 
-def test_server_down_does_not_crash(caplog: pytest.LogCaptureFixture) -> None:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+def test_server_down_does_not_crash(free_port: Callable[[], int], caplog: pytest.LogCaptureFixture) -> None:
     traj = failed_episode()
     with caplog.at_level(logging.WARNING, logger="evolve.diagnose.llm"):
-        out = diagnoser(f"http://127.0.0.1:{port}/v1", max_retries=1).refine(traj)
+        out = diagnoser(f"http://127.0.0.1:{free_port()}/v1", max_retries=1).refine(traj)
     assert out == rule_diagnosis(traj)
-    assert "unavailable" in caplog.text and "APIConnectionError" in caplog.text
+    assert "unavailable" in caplog.text and "LLMConnectionError" in caplog.text
 
 
-def test_response_format_variant_detected_once_per_endpoint(serve: Any) -> None:
+def test_response_format_variant_detected_once_per_endpoint(chat_peer: Callable[..., Any]) -> None:
     # llama-cpp-python refuses type json_schema but takes json_object with a schema beside it.
-    srv = serve([(200, VALID)], reject_formats=("json_schema",))
+    srv = chat_peer([(200, VALID)], reject_formats=("json_schema",))
     d = diagnoser(srv.url)
     assert d.refine(failed_episode()).source == "llm"
     assert [r["response_format"]["type"] for r in srv.requests] == ["json_schema", "json_object"]
     assert srv.requests[1]["response_format"]["schema"]["properties"]["causes"]["items"]["enum"][0] == (
         "invalid_action"
     )
-    assert d.response_format_variant == "json_object_schema"
+    assert d.response_format_variant == "json_object"
     # A second diagnoser on the same endpoint goes straight to the detected variant.
     assert diagnoser(srv.url).refine(failed_episode()).source == "llm"
     assert [r["response_format"]["type"] for r in srv.requests[2:]] == ["json_object"]
 
 
-def test_endpoint_refusing_all_formats_is_prompted_plainly(serve: Any) -> None:
-    srv = serve([(200, "Answer: " + VALID)], reject_formats=("json_schema", "json_object"))
+def test_endpoint_refusing_all_formats_is_prompted_plainly(chat_peer: Callable[..., Any]) -> None:
+    srv = chat_peer([(200, "Answer: " + VALID)], reject_formats=("json_schema", "json_object"))
     d = diagnoser(srv.url)
     assert d.refine(failed_episode()).source == "llm"
     assert "response_format" not in srv.requests[-1]
@@ -289,9 +191,9 @@ def test_endpoint_refusing_all_formats_is_prompted_plainly(serve: Any) -> None:
 
 
 def test_won_episode_makes_no_call_and_api_key_comes_from_env(
-    serve: Any, monkeypatch: pytest.MonkeyPatch
+    chat_peer: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    srv = serve([(200, VALID)])
+    srv = chat_peer([(200, VALID)])
     won = failed_episode().model_copy(update={"outcome": Outcome.success})
     assert won.diagnosis is not None
     assert diagnoser(srv.url).refine(won, won.diagnosis) == won.diagnosis
@@ -305,8 +207,8 @@ def test_won_episode_makes_no_call_and_api_key_comes_from_env(
     assert auth == ["Bearer sk-local", "Bearer EMPTY"]
 
 
-def test_diagnose_trajectory_fills_steps_and_refines_episode(serve: Any) -> None:
-    srv = serve([(200, VALID)])
+def test_diagnose_trajectory_fills_steps_and_refines_episode(chat_peer: Callable[..., Any]) -> None:
+    srv = chat_peer([(200, VALID)])
     raw = failed_episode().model_copy(update={"diagnosis": None})
     for s in raw.steps:
         s.diagnosis = None

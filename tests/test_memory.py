@@ -23,7 +23,9 @@ from evolve.schema import (
     Step,
 )
 from evolve.skills import EvolveMemory, RawTrajectoryMemory, distill_snapshot, usage_from_trajectories
-from evolve.skills.retrieval import FactBase, GoalTracker, match_conditions
+from evolve.skills.memory import MemoryConfig
+from evolve.skills.predicates import FactBase, match_conditions
+from evolve.skills.retrieval import GoalTracker
 
 UNLOCK = Skill(
     name="unlock {obj1} with {obj2}",
@@ -173,6 +175,86 @@ def test_factories_are_picklable() -> None:
     assert len(r().records) == 1
 
 
+def test_retrieval_logs_carry_query_rank_and_similarity() -> None:
+    env, task, (k, c, _) = _test_task()
+    other = NO_OPEN_LOCKED.model_copy(
+        update={
+            "id": "guard-other",
+            "forbidden_action": r"drink\s+(?P<obj1>.+?)",
+            "trigger": ["broken({obj1})"],
+        }
+    )
+    mem = EvolveMemory([UNLOCK, MACRO, NO_OPEN_LOCKED, other])
+    obs0 = env.reset(task)
+    mem.on_episode_start(task, obs0)
+    mem.retrieve(obs0, [])
+    obs1 = env.step(f"take {k}")
+    mem.retrieve(obs1, [Step(index=0, pre_state=obs0, action=Action(text=f"take {k}"), post_state=obs1)])
+    logs = mem._ep.logs
+    for step, obs in enumerate([obs0, obs1]):
+        query = f"{task.goal}\n{obs.text}"
+        sims = mem.index.similarities(query)
+        skills = [r for r in logs if r.step_index == step and r.kind == "skill"]
+        guards = [r for r in logs if r.step_index == step and r.kind == "guardrail"]
+        # Every scored candidate of each kind is logged, ranked best first, with the query it ran on.
+        assert [r.rank for r in skills] == [0, 1] and [r.rank for r in guards] == [0, 1]
+        assert {r.knowledge_id for r in skills} == {UNLOCK.id, MACRO.id}
+        assert {r.knowledge_id for r in guards} == {NO_OPEN_LOCKED.id, other.id}
+        assert all(r.query == query for r in skills + guards)
+        assert [r.score for r in skills] == sorted((r.score for r in skills), reverse=True)
+        for r in skills:
+            i = next(j for j, s in enumerate(mem.skills) if s.id == r.knowledge_id)
+            assert r.similarity == pytest.approx(float(sims[i])) and 0.0 < r.similarity <= 1.0
+        assert all(r.similarity is None for r in guards)  # guardrails are matched, not searched
+        assert all(r.rerank_score is None for r in skills + guards)  # no reranker ran
+    # Step 0: the card is not held, nothing applies; the locked crate makes the guardrail inject.
+    step0 = {(r.kind, r.knowledge_id): r for r in logs if r.step_index == 0}
+    assert not step0[("skill", UNLOCK.id)].injected and not step0[("skill", UNLOCK.id)].applicable
+    assert (
+        step0[("guardrail", NO_OPEN_LOCKED.id)].injected and step0[("guardrail", NO_OPEN_LOCKED.id)].rank == 0
+    )
+    assert not step0[("guardrail", other.id)].applicable and not step0[("guardrail", other.id)].injected
+    # Step 1: with the card, both skills apply and are injected.
+    step1 = [r for r in logs if r.step_index == 1 and r.kind == "skill"]
+    assert all(r.injected and r.applicable for r in step1)
+    # log_top caps the candidates logged per kind and step; injected ones are always logged.
+    capped = EvolveMemory(
+        [UNLOCK, MACRO, NO_OPEN_LOCKED, other], config=MemoryConfig(log_top=0, top_k_skills=1)
+    )
+    capped.on_episode_start(task, obs0)
+    capped.retrieve(obs1, [Step(index=0, pre_state=obs0, action=Action(text=f"take {k}"), post_state=obs1)])
+    assert [(r.kind, r.rank, r.injected) for r in capped._ep.logs] == [
+        ("skill", 0, True),
+        ("guardrail", 0, True),
+    ]
+
+
+def test_retrieval_logs_carry_the_rerankers_scores() -> None:
+    class ByLength:
+        def score(self, query: str, texts: list[str]) -> list[float]:
+            return [float(len(t)) for t in texts]
+
+    env, task, (k, _, _) = _test_task()
+    mem = EvolveMemory([UNLOCK, MACRO])
+    mem.index.hybrid.reranker = ByLength()
+    obs0 = env.reset(task)
+    mem.on_episode_start(task, obs0)
+    obs1 = env.step(f"take {k}")
+    mem.retrieve(obs1, [Step(index=0, pre_state=obs0, action=Action(text=f"take {k}"), post_state=obs1)])
+    got = {r.knowledge_id: r.rerank_score for r in mem._ep.logs if r.kind == "skill"}
+    assert got == {s.id: float(len(s.text())) for s in (UNLOCK, MACRO)}
+
+
+def test_memory_config_is_a_retrieval_config() -> None:
+    from evolve.skills.retrieval import RetrievalConfig
+
+    cfg = MemoryConfig(min_score=0.5, propose=False)
+    assert isinstance(cfg, RetrievalConfig) and cfg.min_score == 0.5 and not cfg.propose
+    assert EvolveMemory([UNLOCK], config=cfg).index.config.min_score == 0.5
+    with pytest.raises(ValueError):
+        MemoryConfig(min_scor=0.5)  # typos are refused, not ignored
+
+
 def test_raw_trajectory_baseline_replays_admissible_actions() -> None:
     env = ChestWorld()
     # A past episode on the *same* game: its actions are admissible here, so they replay.
@@ -187,6 +269,20 @@ def test_raw_trajectory_baseline_replays_admissible_actions() -> None:
     mem.on_episode_start(same, obs)
     ctx = mem.retrieve(obs, [])
     assert ctx.examples and "take card" in ctx.examples[0]
+    # Logs: the retrieved (top k) trajectories at every step; the others ranked, once per episode.
+    one = RawTrajectoryMemory(mem.records, k=1)
+    one.on_episode_start(same, obs)
+    one.retrieve(obs, [])
+    logs = one._ep.logs
+    query = f"{same.goal}\n{obs.text[:400]}"
+    assert [(r.rank, r.injected, r.knowledge_id) for r in logs] == [
+        (0, True, past.id),
+        (1, False, mem.records[1].id),
+    ]
+    assert all(r.query == query and r.similarity == r.score and r.rerank_score is None for r in logs)
+    assert logs[0].similarity > logs[1].similarity
+    one.retrieve(obs, [])
+    assert [(r.rank, r.injected) for r in one._ep.logs[2:]] == [(0, True)]
     # On a game with other names nothing replays: raw trajectories do not transfer.
     other = env.tasks("test")[1]
     mem2 = RawTrajectoryMemory([past])
@@ -255,8 +351,15 @@ def test_from_store_takes_a_snapshot_of_active_knowledge(tmp_path: Path) -> None
         ]
         env, task, _ = _test_task()
         traj = run_loop(env, CautiousRandom(1), task, mem)
+        # Seeded policy, deterministic game: the memory executed the unlock skill and the episode
+        # ran out of steps (the guardrail never had to refuse anything).
+        assert traj.outcome == Outcome.step_limit
+        assert traj.metadata["evolve"]["used"] == {UNLOCK.id: "skill"}
         assert mem.flush(store) > 0
         assert store.retrieval_logs(trajectory_id=traj.id)
-        if traj.metadata["evolve"]["used"]:
-            used = next(iter(traj.metadata["evolve"]["used"]))
-            assert store.get_knowledge(used).stats.uses == 1
+        stats = store.get_knowledge(UNLOCK.id).stats
+        assert (stats.uses, stats.successes, stats.failures) == (1, 0, 1)
+        assert store.knowledge_versions(UNLOCK.id) == [1, 2]  # usage is written as a new version
+        assert store.get_knowledge(NO_OPEN_LOCKED.id).stats.uses == 0
+        assert store.get_knowledge(MACRO.id).stats.uses == 0  # a candidate: never retrieved
+        assert mem.usage == {}  # flushed

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import json
 import pickle
-import threading
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from tiny_models import build_tiny_causal_lm
+from conftest import ChatPeer
 
 from evolve.agents.base import Decision, Policy
 from evolve.agents.policies import OraclePolicy, RandomPolicy
-from evolve.agents.policies.prompting import (
+from evolve.agents.specs import POLICY_KINDS, PolicySpec, make_policy
+from evolve.errors import ConfigError, PolicyError
+from evolve.llm.prompts import (
     PromptOptions,
     action_schema,
     build_messages,
@@ -22,8 +22,6 @@ from evolve.agents.policies.prompting import (
     parse_answer,
     select_actions,
 )
-from evolve.agents.specs import POLICY_KINDS, PolicySpec, make_policy
-from evolve.errors import ConfigError, PolicyError
 from evolve.schema import (
     Action,
     ActionSource,
@@ -53,11 +51,6 @@ def obs(text: str = "You are in the kitchen. There is a fridge and an apple.", a
 
 def step(i: int, pre: Observation, action: str, post: Observation) -> Step:
     return Step(index=i, pre_state=pre, action=Action(text=action), post_state=post)
-
-
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_causal_lm(tmp_path_factory.mktemp("tiny-lm"))
 
 
 # --------------------------------------------------------------------------- random
@@ -326,49 +319,6 @@ def test_specs_pickle_and_accept_torch_dtype_alias() -> None:
 # --------------------------------------------------------------------------- conformance
 
 
-class _Peer(BaseHTTPRequestHandler):
-    """A minimal OpenAI-protocol peer that always answers a valid action (for the conformance test)."""
-
-    def do_POST(self) -> None:
-        self.rfile.read(int(self.headers["Content-Length"]))
-        content = json.dumps({"thought": "store the apple", "command": "take apple"})
-        data = json.dumps(
-            {
-                "id": "c",
-                "object": "chat.completion",
-                "created": 0,
-                "model": "m",
-                "choices": [
-                    {
-                        "index": 0,
-                        "finish_reason": "stop",
-                        "message": {"role": "assistant", "content": content},
-                    }
-                ],
-                "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5},
-            }
-        ).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
-@pytest.fixture(scope="module")
-def peer_url() -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Peer)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/v1"
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
 CONFORMANCE = {
     "openai": lambda d, url: {"kind": "openai", "model": "m", "base_url": url},
     "hf-generate": lambda d, url: {"kind": "hf", "path": str(d), "max_tokens": 8},
@@ -383,7 +333,10 @@ def test_conformance_covers_every_kind() -> None:
 
 
 @pytest.mark.parametrize("kind", sorted(CONFORMANCE))
-def test_every_policy_kind_conforms(kind: str, tiny_model_dir: Path, peer_url: str) -> None:
+def test_every_policy_kind_conforms(
+    kind: str, tiny_model_dir: Path, chat_peer: Callable[..., ChatPeer]
+) -> None:
+    peer_url = chat_peer([(200, json.dumps({"thought": "store the apple", "command": "take apple"}))]).url
     policy = make_policy(CONFORMANCE[kind](tiny_model_dir, peer_url))
     assert isinstance(policy, Policy)
     assert isinstance(policy.name, str) and policy.name

@@ -445,6 +445,103 @@ def test_harmful_guardrail_is_never_distilled() -> None:
     assert harmful_reason(drink, [demo]) is None
 
 
+def _reference_refuses(g: Guardrail, action: str, state: EnvState, goal: str) -> bool:
+    """The enforcement rule written out independently (what ``distill.refuses`` and
+    ``KnowledgeIndex.check`` each implemented before they shared one enforcer)."""
+    import re
+
+    from evolve.skills.predicates import FactBase, match_conditions
+
+    try:
+        rx = re.compile(g.forbidden_action, re.IGNORECASE)
+    except re.error:
+        return False
+    m = rx.fullmatch(" ".join(action.lower().split()))
+    if m is None:
+        return False
+    if g.scope == GuardrailScope.task and g.task_pattern:
+        try:
+            if not re.search(g.task_pattern, goal, re.IGNORECASE):
+                return False
+        except re.error:
+            return False
+    b = {k: " ".join(v.lower().split()) for k, v in m.groupdict().items() if v is not None}
+    sat, tot, _ = match_conditions(g.trigger, FactBase(state.facts), b)
+    return sat == tot
+
+
+def test_one_enforcer_behind_distillation_and_retrieval() -> None:
+    from evolve.skills.enforce import GuardrailEnforcer
+    from evolve.skills.retrieval import KnowledgeIndex
+
+    def guard(pattern: str, trigger: list[str], **kw: object) -> Guardrail:
+        return Guardrail(
+            root_cause=kw.pop("cause", FailureCause.precondition_unmet),
+            forbidden_action=pattern,
+            trigger=trigger,
+            status=KnowledgeStatus.active,
+            **kw,
+        )
+
+    guards = [
+        guard(r"open\s+(?P<obj1>.+?)", ["locked({obj1})"], scope=GuardrailScope.subgoal),
+        guard(r"unlock\s+(?P<obj1>.+?)\s+with\s+(?P<obj2>.+?)", ["not in({obj2}, I)"]),
+        guard(r"drink\s+(?P<obj1>.+?)", [], cause=FailureCause.lost, task_pattern=r"(?=.*\bprize\b)"),
+        guard(r"go\s+west", ["at(P, hall)"], scope=GuardrailScope.subgoal),
+        guard(r"take (", []),  # corrupt action pattern: refuses nothing, crashes nothing
+        guard(r"look", [], task_pattern=r"(unclosed"),  # corrupt task pattern: out of scope everywhere
+        # Task scope without a task pattern: every task.
+        guard(r"eat\s+(?P<obj1>.+?)", ["edible({obj1})"], scope=GuardrailScope.task),
+    ]
+    states = [
+        EnvState(location="hall", facts=["at(P, hall)", "locked(crate)", "at(crate, hall)"]),
+        EnvState(location="hall", facts=["at(P, hall)", "in(card, I)", "at(crate, hall)", "edible(apple)"]),
+        EnvState(location="attic", facts=["at(P, attic)", "in(card, I)", "locked(Crate)"]),
+    ]
+    actions = [
+        "open crate",
+        "Open  Crate",
+        "open card",
+        "unlock crate with card",
+        "unlock crate with key",
+        "drink poison",
+        "go west",
+        "go east",
+        "take card",
+        "look",
+        "eat apple",
+        "eat card",
+        "",
+    ]
+    goals = ["Open the crate and take the prize.", "Just look around.", ""]
+    one_each = [(g, GuardrailEnforcer([g])) for g in guards]
+    index = KnowledgeIndex([], guards)
+    assert [g.id for g in index.guardrails] == [g.id for g in guards if g.forbidden_action != "take ("]
+    refusals = 0
+    for st in states:
+        obs = Observation(text="", state=st, goal="")
+        for goal in goals:
+            for a in actions:
+                expected = [g.id for g in guards if _reference_refuses(g, a, st, goal)]
+                # distill.refuses (one guardrail) and the enforcer agree with the written-out rule ...
+                assert [g.id for g in guards if refuses(g, a, st, goal)] == expected, (a, goal)
+                assert [g.id for g, e in one_each if e.refuses(a, st, goal)] == expected, (a, goal)
+                # ... and so does the agent's check: the first refusing guardrail in order wins.
+                verdict = index.check(a, obs, goal)
+                assert verdict.allowed == (not expected), (a, goal)
+                assert verdict.guardrail_id == (expected[0] if expected else None)
+                refusals += bool(expected)
+    assert refusals >= 10  # the grid exercises refusals, not only passes
+    locked, unlocked = states[0], states[1]
+    enforcer = GuardrailEnforcer(guards)
+    assert enforcer.refuses("open crate", locked) and not enforcer.refuses("open crate", unlocked)
+    assert enforcer.refuses("drink poison", locked, "take the prize") and not enforcer.refuses(
+        "drink poison", locked, "look around"
+    )
+    verdict = enforcer.check("open crate", locked)
+    assert verdict.guardrail_id == guards[0].id and "locked(crate)" in verdict.reason
+
+
 # --------------------------------------------------------------------------- merge + versions
 
 

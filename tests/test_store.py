@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import json
 import os
@@ -9,7 +10,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -21,7 +22,6 @@ from hypothesis import strategies as st
 
 from evolve.errors import EmbedderError, StoreError
 from evolve.schema import (
-    SCHEMA_VERSION,
     Action,
     ActionSource,
     CauseEvidence,
@@ -39,6 +39,7 @@ from evolve.schema import (
     Skill,
     StateDiff,
     Step,
+    TeacherLogprobs,
     Timings,
     TokenUsage,
     TrainingExample,
@@ -46,6 +47,9 @@ from evolve.schema import (
 )
 from evolve.stores import ExperienceStore, HashingEmbedder, SentenceTransformerEmbedder, make_embedder
 from evolve.stores import vector_index as vi
+from evolve.stores.hybrid import CrossEncoderReranker, EmbeddingReranker, Reranker
+from evolve.stores.keyword import BM25Index
+from evolve.stores.tables import STORE_SCHEMA_VERSION
 
 ROOMS = ["kitchen", "pantry", "garden", "cellar", "attic", "bedroom"]
 OBJECTS = ["apple", "knife", "red key", "lamp", "chest", "fridge", "carrot", "shovel", "towel", "book"]
@@ -273,6 +277,11 @@ def test_runs_stages_and_retrieval_logs_round_trip(store: ExperienceStore) -> No
             injected=True,
             reason="matched",
             outcome=None if i else "success",
+            # The reranker's training data; rows without them (written by older code) read back empty.
+            query="" if i == 2 else f"take the apple #{i}",
+            rank=None if i == 2 else i,
+            similarity=None if i == 2 else 0.25 * i,
+            rerank_score=None if i else -1.5,
         )  # fmt: skip
         for i in range(3)
     ]
@@ -823,14 +832,14 @@ def test_newer_schema_version_is_refused(tmp_path: Path) -> None:
     with open_store(path) as s:
         s.upsert_skills([make_skill(0)])
         s.conn.execute(
-            "UPDATE evolve_meta SET value = ? WHERE key = 'schema_version'", [str(SCHEMA_VERSION + 1)]
+            "UPDATE evolve_meta SET value = ? WHERE key = 'schema_version'", [str(STORE_SCHEMA_VERSION + 1)]
         )
     with pytest.raises(StoreError, match="newer evolve") as e:
         open_store(path)
     one_line_error(e)
     # Refused without touching it (and without holding it open).
     out = _reads_in_subprocess(path, "SELECT value FROM evolve_meta WHERE key = 'schema_version'")
-    assert out.strip() == f"[('{SCHEMA_VERSION + 1}',)]"
+    assert out.strip() == f"[('{STORE_SCHEMA_VERSION + 1}',)]"
 
 
 def test_read_only_store_refuses_writes(tmp_path: Path) -> None:
@@ -950,3 +959,369 @@ def test_semantic_search_with_minilm(tmp_path: Path) -> None:
         hits = s.search("prepare some vegetables for dinner", "skill", k=3, mode="dense")
         assert hits[0].id == "cook"
         assert s.embedder.dim == 384 and s.vector_index("skill").dim == 384
+
+
+# --------------------------------------------------------------------------- issue 13: contracts
+
+
+def test_done_episodes_filters_and_leaves_errors_out(store: ExperienceStore) -> None:
+    store.add_trajectories(
+        [
+            make_traj(1, run_id="r1", arm="base"),
+            make_traj(2, run_id="r1", arm="base", outcome=Outcome.error),
+            make_traj(3, run_id="r1", arm="memory", env="alfworld"),
+            make_traj(4, run_id="r2", arm="base"),
+            make_traj(5, run_id="r1", arm="base", namespace="other"),
+        ]
+    )
+    key = {i: (f"task-{i % 7}", i) for i in range(6)}
+    assert store.done_episodes() == {key[1], key[3], key[4]}
+    assert store.done_episodes(include_errors=True) == {key[1], key[2], key[3], key[4]}
+    assert store.done_episodes(run_id="r1", arm="base", include_errors=True) == {key[1], key[2]}
+    assert store.done_episodes(run_id="r1", env="alfworld") == {key[3]}
+    assert store.done_episodes("other") == {key[5]}
+    assert store.done_episodes(run_id="nope") == set()
+
+
+def test_reset_stages_forgets_one_runs_stages_only(store: ExperienceStore) -> None:
+    store.add_trajectories([make_traj(1, run_id="r1")])
+    for run in ("r1", "r2"):
+        store.set_stage(run, "collect", "done", {"n": 1})
+        store.set_stage(run, "distill", "done")
+    store.reset_stages("r1")
+    assert store.stages("r1") == {}
+    assert set(store.stages("r2")) == {"collect", "distill"}
+    assert store.count_trajectories(run_id="r1") == 1  # episodes stay
+
+
+def test_record_usage_adds_stats_as_new_versions(store: ExperienceStore) -> None:
+    sk, g = make_skill(0), make_guardrail(0)  # skill stats start at uses 3, successes 2, failures 1
+    store.upsert_skills([sk])
+    store.upsert_guardrails([g])
+    n = store.record_usage(
+        {sk.id: (4, 3, 1), g.id: (2, 0, 2), "nobody": (1, 1, 0), "skill-default-1": (0, 0, 0)},
+        effects={sk.id: -0.125, "nobody": 1.0},
+    )
+    assert n == 2  # unknown ids skipped
+    s2, g2 = store.get_knowledge(sk.id), store.get_knowledge(g.id)
+    assert (s2.stats.uses, s2.stats.successes, s2.stats.failures, s2.stats.effect) == (7, 5, 2, -0.125)
+    assert (g2.stats.uses, g2.stats.successes, g2.stats.failures) == (
+        g.stats.uses + 2,
+        g.stats.successes,
+        g.stats.failures + 2,
+    )
+    assert g2.stats.effect == g.stats.effect  # no effect given: kept
+    assert (s2.version, g2.version) == (2, 2)
+    assert store.knowledge_versions(sk.id) == [1, 2]
+    # The usage history is versioned: the old stats are still there to roll back to.
+    assert store.rollback(sk.id, 1).stats == sk.stats
+    assert store.get_knowledge(sk.id).version == 3
+    # The confidence column follows the new stats (retrieval filters and sorts on it).
+    assert store.record_usage({sk.id: (10, 10, 0)}) == 1
+    conf = store.conn.execute("SELECT confidence FROM skills WHERE id = ?", [sk.id]).fetchall()[0][0]
+    assert conf == pytest.approx(store.get_knowledge(sk.id).stats.confidence)
+    assert store.record_usage({}) == 0
+    assert store.record_usage({sk.id: (0, 0, 0)}) == 0  # nothing to add: no new version
+    assert store.knowledge_versions(sk.id) == [1, 2, 3, 4]
+
+
+def test_record_usage_is_one_transaction(store: ExperienceStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    from evolve.stores import tables
+
+    store.upsert_skills([make_skill(0), make_skill(1)])
+    store.upsert_guardrails([make_guardrail(0)])
+    real = tables.append
+
+    def failing(conn, table, arrow):  # noqa: ANN001, ANN202
+        if table is tables.KNOWLEDGE_VERSIONS:  # after the skills and guardrails rows were replaced
+            raise RuntimeError("disk full")
+        return real(conn, table, arrow)
+
+    monkeypatch.setattr(tables, "append", failing)
+    with pytest.raises(RuntimeError):
+        store.record_usage(
+            {"skill-default-0": (1, 1, 0), "skill-default-1": (1, 0, 1), "guard-default-0": (1, 0, 1)}
+        )
+    monkeypatch.undo()
+    assert [k.stats for k in store.skills()] == [make_skill(0).stats, make_skill(1).stats]
+    assert [k.version for k in store.skills() + store.guardrails()] == [1, 1, 1]
+    assert store.knowledge_versions("skill-default-0") == [1]
+
+
+def _logprobs(h: str, teacher: str = "qwen@local", positions: int = 6, k: int = 5) -> TeacherLogprobs:
+    rng = np.random.default_rng(abs(hash(h)) % 2**32)
+    ids = [[int(x) for x in rng.choice(151_936, size=k - (p % 2), replace=False)] for p in range(positions)]
+    lps = [
+        sorted((float(x) for x in np.log(rng.dirichlet(np.ones(k + 1)))[: len(r)]), reverse=True) for r in ids
+    ]
+    tail = [
+        float(np.log1p(-min(np.exp(r).sum(), 1.0))) if np.exp(r).sum() < 1 else float("-inf") for r in lps
+    ]
+    tail[0] = float("-inf")  # the top k held all the mass
+    return TeacherLogprobs(prompt_hash=h, teacher=teacher, token_ids=ids, logprobs=lps, tail_logprob=tail)
+
+
+def test_teacher_logprobs_round_trip_as_float16(tmp_path: Path) -> None:
+    items = [_logprobs(f"h{i}") for i in range(4)] + [_logprobs("h0", teacher="gpt@api", positions=2)]
+    empty = TeacherLogprobs(prompt_hash="h-empty", teacher="qwen@local")
+    path = tmp_path / "s.duckdb"
+    with open_store(path) as s:
+        assert s.put_teacher_logprobs([*items, empty]) == 6
+    with open_store(path, read_only=True) as s:  # survives a reopen; readable read-only
+        got = s.get_teacher_logprobs(["h0", "h1", "h3", "missing", "h-empty", "h0"], "qwen@local")
+        assert set(got) == {"h0", "h1", "h3", "h-empty"}
+        assert got["h-empty"].token_ids == [] and got["h-empty"].tail_logprob == []
+        for h in ("h0", "h1", "h3"):
+            want, have = next(t for t in items if t.prompt_hash == h and t.teacher == "qwen@local"), got[h]
+            assert have.token_ids == want.token_ids  # exact, ragged k kept
+            assert [len(r) for r in have.logprobs] == [len(r) for r in want.logprobs]
+            for a, b in zip(have.logprobs, want.logprobs):
+                np.testing.assert_allclose(a, np.float16(b), rtol=0)  # float16 exactly, nothing worse
+                np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-3)
+            np.testing.assert_allclose(have.tail_logprob, np.float16(want.tail_logprob), rtol=0)
+            assert have.tail_logprob[0] == float("-inf")
+        (other,) = s.get_teacher_logprobs(["h0"], "gpt@api").values()
+        assert len(other.token_ids) == 2
+        assert s.get_teacher_logprobs([], "qwen@local") == {}
+        stored = s.conn.execute(
+            "SELECT octet_length(logprobs) FROM teacher_logprobs WHERE prompt_hash = 'h1' AND teacher = 'qwen@local'"
+        ).fetchall()
+        assert stored == [(6 * 5 * 2,)]  # float16: 2 bytes per log-prob
+    with open_store(path) as s:  # a put replaces by (prompt_hash, teacher)
+        s.put_teacher_logprobs([_logprobs("h1", positions=1)])
+        assert len(s.get_teacher_logprobs(["h1"], "qwen@local")["h1"].token_ids) == 1
+        assert count(s, "SELECT count(*) FROM teacher_logprobs") == 6
+    bad = TeacherLogprobs(
+        prompt_hash="x", teacher="t", token_ids=[[1, 2]], logprobs=[[-0.1]], tail_logprob=[-3.0]
+    )
+    with open_store(path) as s, pytest.raises(ValueError, match="position 0"):
+        s.put_teacher_logprobs([bad])
+
+
+_V1_RETRIEVAL_LOG = """CREATE TABLE retrieval_log (
+    id VARCHAR, namespace VARCHAR, trajectory_id VARCHAR, step_index INTEGER, knowledge_id VARCHAR,
+    kind VARCHAR, score DOUBLE, applicable BOOLEAN, injected BOOLEAN, reason VARCHAR,
+    outcome VARCHAR, created_at TIMESTAMPTZ)"""
+
+
+def _schema_1_store(path: Path) -> None:
+    """A store file as evolve wrote it before schema 2 (no teacher cache, a 12-column retrieval_log)."""
+    with open_store(path) as s:
+        s.upsert_skills([make_skill(0)])
+        s.add_trajectories([make_traj(1)])
+    con = duckdb.connect(str(path))
+    con.execute("DROP TABLE retrieval_log")
+    con.execute("DROP TABLE teacher_logprobs")
+    con.execute(_V1_RETRIEVAL_LOG)
+    con.execute(
+        "INSERT INTO retrieval_log VALUES ('ret-old', 'default', 'traj-1', 0, 'skill-default-0', 'skill', "
+        "0.5, true, true, 'matched', 'success', '2024-05-01 12:00:00+00')"
+    )
+    con.execute("UPDATE evolve_meta SET value = '1' WHERE key = 'schema_version'")
+    con.close()
+
+
+def test_schema_1_store_is_migrated_in_place(tmp_path: Path) -> None:
+    path = tmp_path / "s.duckdb"
+    _schema_1_store(path)
+    with open_store(path, read_only=True) as s:  # read-only: opened as it is, new columns read empty
+        assert s.schema_version == 1
+        (old,) = s.retrieval_logs()
+        assert (old.id, old.query, old.rank, old.similarity, old.rerank_score) == (
+            "ret-old",
+            "",
+            None,
+            None,
+            None,
+        )
+        assert s.get_teacher_logprobs(["h"], "t") == {}
+    with open_store(path) as s:
+        assert s.schema_version == STORE_SCHEMA_VERSION
+        (old,) = s.retrieval_logs()
+        assert old.id == "ret-old" and old.score == 0.5 and old.outcome == "success" and old.query == ""
+        assert old.created_at == datetime(2024, 5, 1, 12, tzinfo=timezone.utc)
+        new = RetrievalLog(
+            trajectory_id="traj-1", step_index=1, knowledge_id="skill-default-0", kind="skill", score=0.7,
+            applicable=True, injected=False, query="take the apple", rank=0, similarity=0.6, rerank_score=2.5,
+        )  # fmt: skip
+        s.log_retrievals([new])
+        assert s.retrieval_logs()[1] == new
+        s.put_teacher_logprobs([_logprobs("h")])
+        assert set(s.get_teacher_logprobs(["h"], "qwen@local")) == {"h"}
+        assert [k.id for k in s.skills()] == [
+            "skill-default-0"
+        ] and s.count_trajectories() == 1  # nothing lost
+    out = _reads_in_subprocess(path, "SELECT value FROM evolve_meta WHERE key = 'schema_version'")
+    assert out.strip() == f"[('{STORE_SCHEMA_VERSION}',)]"
+
+
+def test_every_table_is_declared_once_and_matches_the_file(store: ExperienceStore) -> None:
+    """The DuckDB columns of every table are exactly its spec's, in order; Arrow follows the spec."""
+    from evolve.stores import tables
+
+    rows = store.conn.execute(
+        "SELECT table_name, column_name, data_type FROM information_schema.columns ORDER BY table_name, ordinal_position"
+    ).fetchall()
+    have: dict[str, list[tuple[str, str]]] = {}
+    for t, c, typ in rows:
+        have.setdefault(t, []).append((c, typ))
+    for spec in tables.TABLES:
+        want = [(c, "TIMESTAMP WITH TIME ZONE" if typ == "TIMESTAMPTZ" else typ) for c, typ in spec.columns]
+        assert have[spec.name] == want, spec.name
+        assert spec.schema.names == spec.names
+    assert set(have) - {t.name for t in tables.TABLES} <= {"langgraph_items"}
+
+
+# --------------------------------------------------------------------------- one hybrid-search path
+
+
+class _ByLength:
+    """A deterministic test reranker: shorter texts first."""
+
+    def score(self, query: str, texts: Sequence[str]) -> np.ndarray:
+        return -np.array([len(t) for t in texts], dtype=np.float64)
+
+
+def _scores_of_today(texts: list[str], embedder: HashingEmbedder | None, query: str) -> np.ndarray:
+    """KnowledgeIndex.similarities as it was before the shared path (the reference)."""
+    n = len(texts)
+    dense = np.zeros(n)
+    if embedder is not None:
+        dense = np.clip(embedder.embed(texts) @ embedder.embed([query])[0], 0.0, 1.0)
+    kw = BM25Index(texts).scores(query)
+    if kw.max() > 0:
+        kw = kw / kw.max()
+    return 0.7 * dense + 0.3 * kw
+
+
+@pytest.mark.parametrize("with_embedder", [True, False])
+def test_knowledge_index_scores_are_todays_and_rerank_picks_from_a_deeper_pool(with_embedder: bool) -> None:
+    from evolve.skills.retrieval import KnowledgeIndex, RetrievalConfig
+
+    emb = HashingEmbedder(64) if with_embedder else None
+    skills = [make_skill(i, status=KnowledgeStatus.active) for i in range(12)]
+    skills[3] = make_skill(3, status=KnowledgeStatus.active, description="x")  # the shortest text
+    idx = KnowledgeIndex(skills, [], emb, config=RetrievalConfig(max_candidates=4))
+    texts = [s.text() for s in idx.skills]
+    for q in ("take the apple from the kitchen", "red key", "zzz"):
+        sims = idx.similarities(q)
+        np.testing.assert_array_equal(sims, _scores_of_today(texts, emb, q))
+        # No reranker: the best by similarity, as before; a query changes nothing.
+        want = [int(i) for i in np.argsort(-sims, kind="stable")[:4]]
+        assert idx.candidates(sims) == want == idx.candidates(sims, q)
+        assert idx.rerank_scores == {}
+    idx.hybrid.reranker = _ByLength()
+    q = "take the apple"
+    sims = idx.similarities(q)
+    np.testing.assert_array_equal(sims, _scores_of_today(texts, emb, q))  # the reranker never changes them
+    got = idx.candidates(sims, q)
+    pool = [int(i) for i in np.argsort(-sims, kind="stable")[:16]]
+    assert got == sorted(pool, key=lambda i: len(texts[i]))[:4]
+    assert set(idx.rerank_scores) == set(pool) and idx.rerank_scores[got[0]] == -len(texts[got[0]])
+    assert idx.candidates(sims) == [
+        int(i) for i in np.argsort(-sims, kind="stable")[:4]
+    ]  # no query: no rerank
+
+
+def test_store_search_fuses_by_rrf_and_reranks_when_asked(store: ExperienceStore) -> None:
+    _fill(store, 60)
+    q, k = "take the red key in the kitchen", 5
+    hybrid = store.search(q, "skill", k=k)
+    depth = max(4 * k, 20)
+    dense = store.search(q, "skill", k=depth, mode="dense")
+    kw = store.search(q, "skill", k=depth, mode="keyword")
+    fused: dict[str, float] = {}
+    for lst in (dense, kw):
+        for rank, h in enumerate(lst):
+            fused[h.id] = fused.get(h.id, 0.0) + 1.0 / (60 + rank + 1)
+    want = sorted(fused.items(), key=lambda x: -x[1])[:k]
+    assert [(h.id, h.score) for h in hybrid] == want  # RRF exactly, as before
+    assert store.search(q, "skill", k=k, reranker=None) == hybrid
+    # With a reranker: its best of the fused top rerank_depth, its score on each hit.
+    deep = store.search(q, "skill", k=12)
+    ranked = store.search(q, "skill", k=3, reranker=_ByLength(), rerank_depth=12)
+    assert [h.id for h in ranked] == [h.id for h in sorted(deep, key=lambda h: len(h.text))[:3]]
+    assert [h.score for h in ranked] == [-float(len(h.text)) for h in ranked]
+    by_id = {h.id: h for h in deep}
+    assert all(h.dense_score == by_id[h.id].dense_score for h in ranked)
+    store.reranker = _ByLength()  # the store's own reranker is the default
+    assert store.search(q, "skill", k=3, rerank_depth=12) == ranked
+
+
+def test_a_reranker_that_breaks_the_contract_is_a_clear_error(store: ExperienceStore) -> None:
+    class Short:
+        def score(self, query: str, texts: Sequence[str]) -> np.ndarray:
+            return np.zeros(len(texts) - 1)
+
+    _fill(store, 10)
+    with pytest.raises(StoreError, match="one finite score per text") as e:
+        store.search("apple", "skill", k=3, reranker=Short())
+    one_line_error(e)
+
+
+# --------------------------------------------------------------------------- the Reranker protocol
+
+
+def _tiny_cross_encoder(out: Path) -> Path:
+    """A 1-layer BERT cross-encoder with random (seeded) weights, saved as a user's checkpoint is."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from evolve.stores.embedders import default_model_path
+
+    tok = AutoTokenizer.from_pretrained(default_model_path())
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=512, num_labels=1,
+    )  # fmt: skip
+    BertForSequenceClassification(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+# One factory per implementation; a new Reranker class must be added here (a test checks that).
+RERANKERS: dict[str, Callable[[Path], Reranker]] = {
+    "EmbeddingReranker": lambda _: EmbeddingReranker(HashingEmbedder(128)),
+    "CrossEncoderReranker": lambda tmp: CrossEncoderReranker(_tiny_cross_encoder(tmp / "ce")),
+}
+RERANK_TEXTS = [
+    "take the red key from the table",
+    "open the fridge in the kitchen",
+    "Ünïcödé text with émojis 🙂",
+    "",
+    "word " * 2000,  # longer than any model's window
+]
+
+
+def test_every_reranker_is_covered() -> None:
+    from evolve.stores import hybrid
+
+    classes = {
+        name
+        for name, obj in inspect.getmembers(hybrid, inspect.isclass)
+        if obj.__module__ == hybrid.__name__ and obj is not Reranker and callable(getattr(obj, "score", None))
+    }
+    assert classes == set(RERANKERS)
+
+
+@pytest.mark.parametrize("name", sorted(RERANKERS))
+def test_reranker_conforms_to_the_protocol(name: str, tmp_path: Path) -> None:
+    r = RERANKERS[name](tmp_path)
+    assert isinstance(r, Reranker)
+    q = "find the key"
+    s = r.score(q, RERANK_TEXTS)
+    assert isinstance(s, np.ndarray) and s.shape == (len(RERANK_TEXTS),)
+    assert np.issubdtype(s.dtype, np.floating) and np.isfinite(s).all()
+    np.testing.assert_array_equal(r.score(q, RERANK_TEXTS), s)  # deterministic
+    one_by_one = np.array([r.score(q, [t])[0] for t in RERANK_TEXTS])
+    np.testing.assert_allclose(one_by_one, s, rtol=1e-4, atol=1e-4)  # independent of batching
+    perm = [3, 0, 4, 2, 1]
+    np.testing.assert_allclose(r.score(q, [RERANK_TEXTS[i] for i in perm]), s[perm], rtol=1e-4, atol=1e-4)
+    assert r.score(q, []).shape == (0,)
+    assert len({round(float(x), 6) for x in s}) > 1  # it tells texts apart
+    # And the store accepts it.
+    with open_store(tmp_path / "s.duckdb") as st:
+        _fill(st, 10)
+        hits = st.search("take the red key", "skill", k=3, reranker=r)
+        assert len(hits) == 3 and hits == sorted(hits, key=lambda h: -h.score)

@@ -28,6 +28,12 @@ class Decision(BaseModel):
     latency_s: float = 0.0
     error: str | None = None
     """Set when the policy could not produce a valid action and fell back (recorded as policy_error)."""
+    token_ids: list[int] | None = None
+    """Token ids of the generated answer (local models; None for policies that do not see tokens)."""
+    logprobs: list[float] | None = None
+    """Log-prob of each generated token under the policy (on-policy distillation needs them)."""
+    prompt_token_ids: list[int] | None = None
+    """Token ids of the prompt the answer continues, where the policy has them at no extra cost."""
 
 
 @runtime_checkable

@@ -8,6 +8,10 @@ episodes complete. Ray runs the same workers as actors when ``ray_address`` is g
 Determinism: the task order is a shuffle seeded by ``seed``; the random policy seeds itself
 per (seed, task id), so which worker runs an episode does not change its actions.
 
+Resuming: :func:`run_missing` runs only the episodes of an arm the store does not hold yet
+(``store.done_episodes``) and commits each one as it finishes; it is what ``evolve run`` and the
+eval harness use. Worker settings travel as a frozen :class:`WorkerSettings`.
+
 Retrieval logs: hooks that define ``pop_retrieval_logs() -> list[RetrievalLog]`` have it called
 after each episode; the logs travel back with the trajectory (an empty ``trajectory_id`` is
 filled in) and the parent writes them with ``store.log_retrievals``.
@@ -123,45 +127,55 @@ def plan_episodes(
     return jobs
 
 
-def done_episodes(
-    store: ExperienceStore,
-    namespace: str | None = None,
-    *,
-    run_id: str | None = None,
-    env: str | None = None,
-    include_errors: bool = False,
-) -> set[tuple[str, int | None]]:
-    """``(task_id, seed)`` of the episodes already in ``store``: the ``skip_done`` of a resumed run.
-
-    Episodes that ended in ``error`` are left out (so a resume retries them) unless asked.
-    """
-    where, params = ["namespace = ?"], [namespace or store.namespace]
-    for col, val in (("run_id", run_id), ("env", env)):
-        if val is not None:
-            where.append(f"{col} = ?")
-            params.append(val)
-    if not include_errors:
-        where.append("outcome <> 'error'")
-    rows = store.conn.execute(f"SELECT task_id, seed FROM trajectories WHERE {' AND '.join(where)}", params)
-    return {(r[0], r[1]) for r in rows.fetchall()}
+done_episodes = ExperienceStore.done_episodes
+"""``done_episodes(store, namespace=None, *, run_id=None, arm=None, env=None, include_errors=False)``:
+the ``(task_id, seed)`` pairs already in ``store`` (the ``skip_done`` of a resumed run); episodes
+that ended in ``error`` are left out, so a resume retries them, unless asked."""
 
 
 # --------------------------------------------------------------------------- workers
 
 
-def _error_trajectory(job: EpisodeJob, env_name: str, message: str, run_kw: dict[str, Any]) -> Trajectory:
+@dataclass(frozen=True)
+class WorkerSettings:
+    """What every episode of one collect call shares (picklable: it travels to worker processes)."""
+
+    max_steps: int = 50
+    arm: str = ""
+    namespace: str = "default"
+    run_id: str | None = None
+    seed: int = 0
+    """The collect call's seed: a later lap over the tasks shifts the policy's seed by the lap."""
+    parent_pid: int | None = None
+    """Pool workers exit when this process is gone (the collecting process was killed)."""
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Everything a worker process needs to build its :class:`EpisodeWorker` (picklable)."""
+
+    env: EnvSpec
+    policy: PolicySpec
+    hooks_factory: Callable[[], AgentHooks] | None
+    settings: WorkerSettings
+
+    def build(self) -> EpisodeWorker:
+        return EpisodeWorker(self.env, self.policy, self.hooks_factory, self.settings)
+
+
+def _error_trajectory(job: EpisodeJob, env_name: str, message: str, settings: WorkerSettings) -> Trajectory:
     task = job.task if isinstance(job.task, Task) else None
     return Trajectory(
-        namespace=run_kw.get("namespace", "default"),
-        run_id=run_kw.get("run_id"),
+        namespace=settings.namespace,
+        run_id=settings.run_id,
         task_id=job.task_id,
         env=env_name,
         split=task.split if task else Split.train,
         goal=task.goal if task else "",
-        arm=run_kw.get("arm", ""),
+        arm=settings.arm,
         outcome=Outcome.error,
         seed=job.seed,
-        metadata={"error": message, "max_steps": run_kw.get("max_steps")},
+        metadata={"error": message, "max_steps": settings.max_steps},
         diagnosis=error_diagnosis(
             message,
             FailureCause.policy_error if message.startswith("PolicyError") else FailureCause.env_error,
@@ -180,18 +194,17 @@ class EpisodeWorker:
         env_spec: EnvSpec,
         policy_spec: PolicySpec,
         hooks_factory: Callable[[], AgentHooks] | None,
-        run_kw: dict[str, Any],
+        settings: WorkerSettings,
         env: Env | None = None,
     ) -> None:
         self.env_spec = env_spec
         self.env = env if env is not None else env_spec.make()
         self.policy = make_policy(policy_spec)
         self.hooks = hooks_factory() if hooks_factory is not None else NoHooks()
-        self.run_kw = run_kw
+        self.settings = settings
         self.restarts = 0
         # The policy's own seed; a later lap over the tasks shifts it so repeats differ.
         self._base_policy_seed = getattr(self.policy, "seed", None)
-        self._base_seed = int(run_kw.get("seed", 0))
 
     def tasks(self, split: str) -> list[Task]:
         return self.env.tasks(split)
@@ -208,7 +221,7 @@ class EpisodeWorker:
     def run(self, job: EpisodeJob) -> tuple[int, Trajectory, list[RetrievalLog]]:
         """Run one episode; every failure comes back as a trajectory with ``outcome=error``."""
         if self._base_policy_seed is not None:
-            self.policy.seed = self._base_policy_seed + (job.seed - self._base_seed)  # type: ignore[attr-defined]
+            self.policy.seed = self._base_policy_seed + (job.seed - self.settings.seed)  # type: ignore[attr-defined]
         t = time.perf_counter()
         try:
             traj = run_episode(
@@ -216,17 +229,17 @@ class EpisodeWorker:
                 self.policy,
                 job.task,
                 hooks=self.hooks,
-                max_steps=self.run_kw["max_steps"],
-                arm=self.run_kw.get("arm", ""),
-                namespace=self.run_kw.get("namespace", "default"),
-                run_id=self.run_kw.get("run_id"),
+                max_steps=self.settings.max_steps,
+                arm=self.settings.arm,
+                namespace=self.settings.namespace,
+                run_id=self.settings.run_id,
                 seed=job.seed,
             )
         except Exception as e:  # noqa: BLE001 - one bad episode must not stop the run
             log.warning("episode %s failed: %s", job.task_id, e)
             crashed = isinstance(e, EnvCrashed) or not isinstance(e, EvolveError)
             kind = "EnvCrashed" if isinstance(e, EnvCrashed) else type(e).__name__
-            traj = _error_trajectory(job, self.env.name, f"{kind}: {e}", self.run_kw)
+            traj = _error_trajectory(job, self.env.name, f"{kind}: {e}", self.settings)
             traj.policy = getattr(self.policy, "name", "")
             if crashed:
                 self.restart_env()
@@ -251,13 +264,13 @@ class EpisodeWorker:
 _WORKER: EpisodeWorker | None = None
 
 
-def _pool_worker(args: tuple[Any, ...]) -> EpisodeWorker:
+def _pool_worker(spec: WorkerSpec) -> EpisodeWorker:
     global _WORKER
     if _WORKER is None:
-        parent = args[3].get("parent_pid")
+        parent = spec.settings.parent_pid
         if parent:
             threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
-        _WORKER = EpisodeWorker(*args)
+        _WORKER = spec.build()
     return _WORKER
 
 
@@ -278,12 +291,12 @@ def _exit_with_parent(parent_pid: int, every_s: float = 2.0) -> None:
             pass  # alive, owned by someone else
 
 
-def _pool_tasks(args: tuple[Any, ...], split: str) -> list[Task]:
-    return _pool_worker(args).tasks(split)
+def _pool_tasks(spec: WorkerSpec, split: str) -> list[Task]:
+    return _pool_worker(spec).tasks(split)
 
 
-def _pool_run(args: tuple[Any, ...], job: EpisodeJob) -> tuple[int, Trajectory, list[RetrievalLog]]:
-    return _pool_worker(args).run(job)
+def _pool_run(spec: WorkerSpec, job: EpisodeJob) -> tuple[int, Trajectory, list[RetrievalLog]]:
+    return _pool_worker(spec).run(job)
 
 
 def _mp_context(preload: Sequence[str] = ()) -> Any:
@@ -413,25 +426,22 @@ def collect(
         except ImportError:
             raise ConfigError(RAY_MISSING) from None
     run_id = run_id or new_id("run")
-    run_kw = {
-        "max_steps": max_steps,
-        "arm": arm,
-        "namespace": namespace,
-        "run_id": run_id,
-        "seed": seed,
-        "parent_pid": os.getpid(),
-    }
+    settings = WorkerSettings(
+        max_steps=max_steps, arm=arm, namespace=namespace, run_id=run_id, seed=seed, parent_pid=os.getpid()
+    )
+    spec = WorkerSpec(env_spec, policy_spec, hooks_factory, settings)
     split = Split(split)
     label = f"{env_spec.name}/{split.value} {policy_spec.name or policy_spec.kind}"
     recorder = Recorder(store, namespace, run_id, batch_size) if store is not None else None
     results: dict[int, Trajectory] = {}
     try:
+        runner: _LocalRunner | _PoolRunner | _RayRunner
         if ray_address is not None:
-            runner = _run_ray(env_spec, policy_spec, hooks_factory, run_kw, workers, ray_address)
+            runner = _RayRunner(spec, workers, ray_address)
         elif workers == 1:
-            runner = _run_local(env_spec, policy_spec, hooks_factory, run_kw)
+            runner = _LocalRunner(spec)
         else:
-            runner = _run_pool(env_spec, policy_spec, hooks_factory, run_kw, workers)
+            runner = _PoolRunner(spec, workers)
         with runner as r:
             all_tasks = list(tasks) if tasks is not None else r.tasks(split.value)
             jobs = plan_episodes(all_tasks, n_episodes, seed, skip_done)
@@ -450,16 +460,85 @@ def collect(
     return [results[i] for i in sorted(results)]
 
 
+def run_missing(
+    store: ExperienceStore,
+    env: EnvSpec | str | dict[str, Any],
+    policy: PolicySpec | dict[str, Any],
+    *,
+    tasks: Sequence[Task | str],
+    arm: str,
+    run_id: str | None = None,
+    namespace: str | None = None,
+    seeds: Sequence[int] = (0,),
+    trials: int = 1,
+    split: Split | str = Split.train,
+    max_steps: int = 50,
+    workers: int = 1,
+    hooks_factory: Callable[[], AgentHooks] | None = None,
+    retry_errors: bool = False,
+    ray_address: str | None = None,
+    progress: bool = True,
+    batch_size: int = 1,
+    announce: Callable[[int, int], None] | None = None,
+) -> list[Trajectory]:
+    """Run the episodes of ``arm`` that ``store`` does not hold yet; return all of them.
+
+    The episodes are ``tasks`` x ``seeds``, each seed's pass being :func:`collect` with that seed
+    and ``trials`` laps over the tasks (lap ``k`` runs seed ``s + k``). An episode is done when the
+    store holds a trajectory of ``(namespace, run_id, arm)`` with its ``(task_id, seed)``; one that
+    ended in ``error`` counts as done unless ``retry_errors``. ``run_id`` defaults to ``arm``.
+    Each finished episode is committed at once (``batch_size`` 1), so a killed run loses at most
+    the episodes in flight. ``announce(n, seed)`` is called before a pass that has ``n`` to run.
+    Returned: the stored trajectories of the arm for these tasks and seeds (store order).
+    """
+    ns = namespace or store.namespace
+    run_id = run_id or arm
+    want_seeds = {s + k for s in seeds for k in range(trials)}
+    done = store.done_episodes(ns, run_id=run_id, arm=arm, include_errors=not retry_errors)
+    ids = [t.id if isinstance(t, Task) else t for t in tasks]
+    for seed in seeds:
+        todo = [(i, t) for lap in range(trials) for i, t in enumerate(ids) if (t, seed + lap) not in done]
+        if not todo:
+            continue
+        if announce is not None:
+            announce(len(todo), seed)
+        collect(
+            env,
+            policy,
+            split=split,
+            tasks=list(tasks),
+            n_episodes=len(ids) * trials,
+            workers=workers,
+            store=store,
+            namespace=ns,
+            run_id=run_id,
+            max_steps=max_steps,
+            hooks_factory=hooks_factory,
+            arm=arm,
+            seed=seed,
+            ray_address=ray_address,
+            progress=progress,
+            skip_done=done,
+            batch_size=batch_size,
+        )
+    keep = set(ids)
+    return [
+        t
+        for t in store.trajectories(ns, run_id=run_id, arm=arm)
+        if t.task_id in keep and t.seed in want_seeds
+    ]
+
+
 class _LocalRunner:
     """workers=1: one worker in this process (no pickling, no extra interpreter)."""
 
-    def __init__(self, worker_args: tuple[Any, ...]) -> None:
-        self.args = worker_args
+    def __init__(self, spec: WorkerSpec) -> None:
+        self.spec = spec
         self.worker: EpisodeWorker | None = None
 
     def __enter__(self) -> _LocalRunner:
         try:
-            self.worker = EpisodeWorker(*self.args)
+            self.worker = self.spec.build()
         except EvolveError:
             raise
         except Exception as e:  # noqa: BLE001
@@ -480,10 +559,6 @@ class _LocalRunner:
             yield self.worker.run(job)
 
 
-def _run_local(env_spec: EnvSpec, policy_spec: PolicySpec, hooks_factory: Any, run_kw: dict) -> _LocalRunner:
-    return _LocalRunner((env_spec, policy_spec, hooks_factory, run_kw))
-
-
 class _PoolRunner:
     """K worker processes, fed so that at most 2K episodes are in flight.
 
@@ -492,14 +567,14 @@ class _PoolRunner:
     worker again is recorded as an error instead of taking innocent episodes down with it.
     """
 
-    def __init__(self, worker_args: tuple[Any, ...], workers: int) -> None:
-        self.args = worker_args
+    def __init__(self, spec: WorkerSpec, workers: int) -> None:
+        self.spec = spec
         self.workers = workers
         self.pool: ProcessPoolExecutor | None = None
         self.pool_restarts = 0
 
     def _start(self) -> None:
-        ctx = _mp_context(_preload_modules(self.args[0]))
+        ctx = _mp_context(_preload_modules(self.spec.env))
         self.pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=ctx)
 
     def __enter__(self) -> _PoolRunner:
@@ -528,7 +603,7 @@ class _PoolRunner:
 
     def tasks(self, split: str) -> list[Task]:
         assert self.pool is not None
-        return self._result(self.pool.submit(_pool_tasks, self.args, split))
+        return self._result(self.pool.submit(_pool_tasks, self.spec, split))
 
     def run(self, jobs: list[EpisodeJob]) -> Iterator[tuple[int, Trajectory, list[RetrievalLog]]]:
         queue: deque[EpisodeJob] = deque(jobs)
@@ -539,13 +614,13 @@ class _PoolRunner:
             assert self.pool is not None
             if suspects and not inflight:
                 job = suspects.popleft()  # alone, so a second death names the culprit
-                inflight[self.pool.submit(_pool_run, self.args, job)] = job
+                inflight[self.pool.submit(_pool_run, self.spec, job)] = job
                 isolated = True
             else:
                 isolated = False
                 while queue and not suspects and len(inflight) < limit:
                     job = queue.popleft()
-                    inflight[self.pool.submit(_pool_run, self.args, job)] = job
+                    inflight[self.pool.submit(_pool_run, self.spec, job)] = job
             finished, _ = wait(list(inflight), return_when=FIRST_COMPLETED)
             broken = False
             for fut in finished:
@@ -573,23 +648,17 @@ class _PoolRunner:
             if isolated:
                 job = lost[0]
                 msg = "WorkerDied: the worker process died twice running this episode"
-                traj = _error_trajectory(job, self.args[0].name, msg, self.args[3])
+                traj = _error_trajectory(job, self.spec.env.name, msg, self.spec.settings)
                 yield job.index, traj, []
             else:
                 suspects.extend(sorted(lost, key=lambda j: j.index))
 
 
-def _run_pool(
-    env_spec: EnvSpec, policy_spec: PolicySpec, hooks_factory: Any, run_kw: dict, workers: int
-) -> _PoolRunner:
-    return _PoolRunner((env_spec, policy_spec, hooks_factory, run_kw), workers)
-
-
 class _RayRunner:
     """K Ray actors, each an :class:`EpisodeWorker`, fed through ``ray.util.ActorPool``."""
 
-    def __init__(self, worker_args: tuple[Any, ...], workers: int, address: str) -> None:
-        self.args = worker_args
+    def __init__(self, spec: WorkerSpec, workers: int, address: str) -> None:
+        self.spec = spec
         self.workers = workers
         self.address = address
         self.actors: list[Any] = []
@@ -600,7 +669,10 @@ class _RayRunner:
         if not ray.is_initialized():
             ray.init(address=self.address)
         actor_cls = ray.remote(EpisodeWorker)
-        self.actors = [actor_cls.remote(*self.args) for _ in range(self.workers)]
+        s = self.spec
+        self.actors = [
+            actor_cls.remote(s.env, s.policy, s.hooks_factory, s.settings) for _ in range(self.workers)
+        ]
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -623,23 +695,3 @@ class _RayRunner:
 
         pool = ActorPool(self.actors)
         yield from pool.map_unordered(lambda actor, job: actor.run.remote(job), jobs)
-
-
-def _run_ray(
-    env_spec: EnvSpec,
-    policy_spec: PolicySpec,
-    hooks_factory: Any,
-    run_kw: dict,
-    workers: int,
-    address: str,
-) -> _RayRunner:
-    return _RayRunner((env_spec, policy_spec, hooks_factory, run_kw), workers, address)
-
-
-def default_workers() -> int:
-    """A sensible worker count: the CPUs this process may use, at most 8."""
-    try:
-        n = len(os.sched_getaffinity(0))
-    except AttributeError:
-        n = os.cpu_count() or 1
-    return max(1, min(8, n))

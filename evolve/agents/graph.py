@@ -71,6 +71,8 @@ class AgentState(TypedDict, total=False):
     post: Observation | None
     step_error: str | None
     retrieved: list[str]
+    memory_prompt: str
+    """The memory block the last plan call showed the policy (recorded on the step)."""
     timings: Timings
     t0: float
     outcome: Outcome | None
@@ -109,6 +111,7 @@ def observe(state: AgentState) -> dict[str, Any]:
         "post": None,
         "step_error": None,
         "retrieved": [],
+        "memory_prompt": "",
     }
 
 
@@ -134,6 +137,8 @@ def plan(state: AgentState, runtime: Runtime[AgentContext]) -> dict[str, Any]:
     ctx = runtime.context
     obs, history, memory = state["obs"], state["history"], state["memory"]
     timings = state["timings"]
+    # Recorded on the step, so that the exact prompt of this step can be rendered again (synth).
+    shown = {"memory_prompt": memory.prompt_text()}
     if state["reasks"] == 0:
         t = time.perf_counter()
         proposed = ctx.hooks.propose(obs, history, memory)
@@ -141,7 +146,7 @@ def plan(state: AgentState, runtime: Runtime[AgentContext]) -> dict[str, Any]:
         if proposed is not None:
             if proposed.source == ActionSource.policy:
                 proposed = proposed.model_copy(update={"source": ActionSource.skill})
-            return {"action": proposed, "decision_error": None, "timings": timings}
+            return {"action": proposed, "decision_error": None, "timings": timings, **shown}
     t = time.perf_counter()
     try:
         decision = ctx.policy.act(obs, history, memory)
@@ -158,6 +163,7 @@ def plan(state: AgentState, runtime: Runtime[AgentContext]) -> dict[str, Any]:
             "outcome": Outcome.error,
             "error": f"PolicyError: {what}",
             "timings": _add_time(timings, policy_s=time.perf_counter() - t),
+            **shown,
         }
     action = decision.action
     if decision.error:
@@ -169,6 +175,7 @@ def plan(state: AgentState, runtime: Runtime[AgentContext]) -> dict[str, Any]:
         "decision_error": decision.error,
         "usage": state["usage"] + decision.usage,
         "timings": _add_time(timings, policy_s=time.perf_counter() - t),
+        **shown,
     }
 
 
@@ -243,6 +250,7 @@ def record(state: AgentState) -> dict[str, Any]:
         usage=state["usage"],
         error=error,
         retrieved=state["retrieved"],
+        memory_prompt=state.get("memory_prompt", ""),
     )
     return {"history": [*history, step]}
 

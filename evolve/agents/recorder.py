@@ -337,9 +337,6 @@ class Recorder:
                 del self._open[key]
             self.add(ep.trajectory)
 
-    def open_episodes(self) -> list[EpisodeRecorder]:
-        return list(self._open.values())
-
     # ------------------------------------------------------------------ the user's own graph
 
     def node(

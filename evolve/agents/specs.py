@@ -39,9 +39,9 @@ class PolicySpec(BaseModel):
     """Name of the environment variable holding the key (the key itself never goes in a spec)."""
     response_format: Literal["auto", "json_schema", "json_object", "none"] = "auto"
     max_retries: int = Field(3, ge=0, le=20)
-    """Retries after the first attempt on 429 / 5xx / timeouts / connection errors, with backoff."""
+    """Retries after the first attempt on 429 / 5xx / timeouts / connection errors (the openai
+    client's own: exponential backoff from 0.5 s, capped at 8 s, honouring Retry-After)."""
     timeout_s: float = Field(60.0, gt=0)
-    backoff_s: float = Field(0.5, ge=0)
     cost_per_1k_prompt: float = Field(0.0, ge=0)
     cost_per_1k_completion: float = Field(0.0, ge=0)
     extra_body: dict[str, Any] = Field(default_factory=dict)
@@ -123,7 +123,7 @@ def make_policy(spec: PolicySpec | dict[str, Any]) -> Policy:
         from evolve.agents.policies.random_policy import RandomPolicy
 
         return RandomPolicy(seed=s.seed or 0, avoid_noops=s.avoid_noops, name=s.name or "random")
-    from evolve.agents.policies.prompting import PromptOptions
+    from evolve.llm.prompts import PromptOptions
 
     if s.kind == "openai":
         from evolve.agents.policies.openai_policy import OpenAIPolicy
@@ -138,7 +138,6 @@ def make_policy(spec: PolicySpec | dict[str, Any]) -> Policy:
             response_format=s.response_format,
             max_retries=s.max_retries,
             timeout_s=s.timeout_s,
-            backoff_s=s.backoff_s,
             cost_per_1k_prompt=s.cost_per_1k_prompt,
             cost_per_1k_completion=s.cost_per_1k_completion,
             extra_body=dict(s.extra_body),

@@ -5,7 +5,7 @@ the ``openai`` client only when imported.
 """
 
 from evolve.diagnose.detectors import LoopDetector, StagnationDetector
-from evolve.diagnose.diff import diff_states, is_progress, normalize_text, state_key, state_predicates
+from evolve.diagnose.diff import diff_states, is_progress, state_key, state_predicates
 from evolve.diagnose.rules import (
     RuleDiagnoser,
     classify_error,
@@ -31,7 +31,6 @@ __all__ = [
     "feedback_head",
     "is_info_action",
     "is_progress",
-    "normalize_text",
     "segments",
     "state_key",
     "state_predicates",

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections import deque
 
-from evolve.diagnose.diff import normalize_text
+from evolve.text import normalise
 
 
 class StagnationDetector:
@@ -77,7 +77,7 @@ class LoopDetector:
 
     def update(self, action: str, state_key: str) -> bool:
         """Record ``action`` taken in the state hashed as ``state_key``; True when it repeats."""
-        self._keys.append((normalize_text(action), state_key))
+        self._keys.append((normalise(action), state_key))
         self._actions.append(action.strip())
         self.evidence = ""
         self.period = None

@@ -7,6 +7,7 @@ import json
 import re
 
 from evolve.schema import EnvState, Observation, StateDiff
+from evolve.text import normalise
 
 
 def _minus(a: list[str], b: list[str]) -> list[str]:
@@ -76,11 +77,6 @@ def state_key(obs: Observation) -> str:
         s.lost,
     ]
     if not structured:
-        payload.append(normalize_text(obs.text))
+        payload.append(normalise(obs.text))
     raw = json.dumps(payload, separators=(",", ":"), default=str)
     return hashlib.sha1(raw.encode()).hexdigest()[:16]
-
-
-def normalize_text(text: str) -> str:
-    """Lower-case, whitespace-collapsed text (for comparing observations and actions)."""
-    return re.sub(r"\s+", " ", text.strip().lower())

@@ -11,17 +11,15 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import threading
-import time
 from typing import Any
 
-import openai
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from evolve.diagnose.rules import CAUSE_ORDER, diagnose_trajectory, episode_won
 from evolve.diagnose.summarize import summarize_episode
+from evolve.llm.client import ChatClient
 from evolve.schema import CauseEvidence, Diagnosis, FailureCause, Trajectory
+from evolve.text import extract_json_object, one_line
 
 log = logging.getLogger(__name__)
 
@@ -46,38 +44,6 @@ VERDICT_SCHEMA: dict[str, Any] = {
     "required": ["root_cause", "causes", "evidence"],
     "additionalProperties": False,
 }
-
-# How to ask for structured output, most standard first. OpenAI, vLLM and Ollama take json_schema;
-# llama-cpp-python validates response_format.type as text|json_object and wants the schema beside it;
-# some servers (transformers serve) ignore or refuse response_format, where prompting must do.
-FORMAT_VARIANTS: tuple[str, ...] = ("json_schema", "json_object_schema", "none")
-
-# Which variant each endpoint accepts, detected once per (base_url, model) for the process.
-_FORMAT_CACHE: dict[tuple[str, str], str] = {}
-_FORMAT_LOCK = threading.Lock()
-
-
-def _response_format(variant: str) -> dict[str, Any] | None:
-    if variant == "json_schema":
-        return {"type": "json_schema", "json_schema": {"name": "diagnosis", "schema": VERDICT_SCHEMA}}
-    if variant == "json_object_schema":
-        return {"type": "json_object", "schema": VERDICT_SCHEMA}
-    return None
-
-
-def extract_json_object(text: str) -> dict[str, Any] | None:
-    """The first JSON object embedded in ``text`` (code fences and prose around it are skipped)."""
-    decoder = json.JSONDecoder()
-    i = text.find("{")
-    while i >= 0:
-        try:
-            obj, _ = decoder.raw_decode(text, i)
-        except json.JSONDecodeError:
-            obj = None
-        if isinstance(obj, dict):
-            return obj
-        i = text.find("{", i + 1)
-    return None
 
 
 def _cause_name(value: object) -> FailureCause | None:
@@ -120,11 +86,6 @@ SYSTEM_PROMPT = (
 )
 
 
-def _clip(text: str, limit: int) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def build_prompt(traj: Trajectory, diagnosis: Diagnosis, context_steps: int = 12) -> str:
     """User message: the episode summary, the rule causes and the last ``context_steps`` steps."""
     lines = [f"Goal: {traj.goal or 'unknown'}", f"Episode: {summarize_episode(traj)}", "Rule-based causes:"]
@@ -132,16 +93,20 @@ def build_prompt(traj: Trajectory, diagnosis: Diagnosis, context_steps: int = 12
     lines.append(f"Last {min(context_steps, len(traj.steps))} of {len(traj.steps)} steps:")
     for step in traj.steps[-context_steps:]:
         lines.append(f"[{step.index}] > {step.action.text}")
-        lines.append(f"    {_clip(step.post_state.text, 300)}")
+        lines.append(f"    {one_line(step.post_state.text, 300)}")
         if step.diagnosis and step.diagnosis.causes:
             lines.append("    rule causes: " + ", ".join(step.diagnosis.cause_names()))
         if step.error:
-            lines.append(f"    error: {_clip(step.error, 200)}")
+            lines.append(f"    error: {one_line(step.error, 200)}")
     return "\n".join(lines)
 
 
 class LLMDiagnoser:
-    """Refines rule diagnoses of failed episodes through an OpenAI-compatible chat endpoint."""
+    """Refines rule diagnoses of failed episodes through an OpenAI-compatible chat endpoint.
+
+    Requests go through :class:`~evolve.llm.client.ChatClient`: the openai client's retries and
+    timeout, and the response_format variant detected once per endpoint.
+    """
 
     def __init__(
         self,
@@ -151,73 +116,34 @@ class LLMDiagnoser:
         api_key_env: str = "OPENAI_API_KEY",
         timeout: float = 60.0,
         max_retries: int = 3,
-        backoff: float = 1.0,
-        max_backoff: float = 16.0,
         temperature: float = 0.0,
         max_tokens: int = 400,
         context_steps: int = 12,
     ) -> None:
         self.model = model
-        self.base_url = base_url
-        self.max_retries = max_retries
-        self.backoff = backoff
-        self.max_backoff = max_backoff
         self.temperature = temperature
         self.max_tokens = max_tokens
         self.context_steps = context_steps
-        # Local servers need no key, but the client refuses an empty one.
-        api_key = os.environ.get(api_key_env) or "EMPTY"
-        # Retries are ours (logged, with our backoff), so the client's own are switched off.
-        self._client = openai.OpenAI(base_url=base_url, api_key=api_key, timeout=timeout, max_retries=0)
-        self._key = (str(self._client.base_url), model)
+        self.chat = ChatClient(
+            model, base_url=base_url, api_key_env=api_key_env, timeout_s=timeout, max_retries=max_retries
+        )
 
     @property
     def response_format_variant(self) -> str | None:
         """The structured-output variant detected for this endpoint (None until the first call)."""
-        return _FORMAT_CACHE.get(self._key)
-
-    def _create(self, messages: list[dict[str, str]], variant: str) -> str:
-        """One chat completion, retried with exponential backoff on connection errors, 429 and 5xx."""
-        fmt = _response_format(variant)
-        extra = {"response_format": fmt} if fmt is not None else None
-        for attempt in range(self.max_retries + 1):
-            try:
-                resp = self._client.chat.completions.create(
-                    model=self.model,
-                    messages=messages,  # type: ignore[arg-type]
-                    temperature=self.temperature,
-                    max_tokens=self.max_tokens,
-                    extra_body=extra,
-                )
-                if not resp.choices:
-                    return ""
-                return resp.choices[0].message.content or ""
-            except (openai.APIConnectionError, openai.RateLimitError, openai.InternalServerError) as e:
-                if attempt >= self.max_retries:
-                    raise
-                delay = min(self.backoff * 2**attempt, self.max_backoff)
-                log.info("LLM diagnoser: %s; retry %d/%d in %.2fs", e, attempt + 1, self.max_retries, delay)
-                time.sleep(delay)
-        raise AssertionError("unreachable")  # the loop returns or raises
+        return self.chat.detected_format
 
     def complete(self, messages: list[dict[str, str]]) -> str:
-        """Ask the endpoint, detecting once which response_format variant it accepts."""
-        with _FORMAT_LOCK:
-            cached = _FORMAT_CACHE.get(self._key)
-        variants = (cached,) if cached else FORMAT_VARIANTS
-        for variant in variants:
-            try:
-                content = self._create(messages, variant)
-            except (openai.BadRequestError, openai.UnprocessableEntityError) as e:
-                # The endpoint refuses this response_format: try the next variant, unless none is left.
-                if cached or variant == variants[-1]:
-                    raise
-                log.info("LLM diagnoser: %s refuses response_format %s (%s)", self._key[0], variant, e)
-                continue
-            with _FORMAT_LOCK:
-                _FORMAT_CACHE[self._key] = variant
-            return content
-        raise AssertionError("unreachable")  # the last variant returns or raises
+        """The endpoint's answer (schema-constrained where the endpoint allows it)."""
+        out = self.chat.complete(
+            messages,
+            schema=VERDICT_SCHEMA,
+            schema_name="diagnosis",
+            strict=False,
+            temperature=self.temperature,
+            max_tokens=self.max_tokens,
+        )
+        return out.text
 
     def refine(self, traj: Trajectory, diagnosis: Diagnosis | None = None) -> Diagnosis:
         """The episode diagnosis of ``traj`` refined by the LLM, or the rule diagnosis unchanged.
@@ -241,7 +167,7 @@ class LLMDiagnoser:
             return diagnosis
         verdict = parse_verdict(content)
         if verdict is None:
-            log.warning("LLM diagnoser output rejected (not a valid verdict): %r", _clip(content, 200))
+            log.warning("LLM diagnoser output rejected (not a valid verdict): %r", one_line(content, 200))
             return diagnosis
         return merge_verdict(diagnosis, verdict)
 
@@ -255,10 +181,10 @@ class LLMDiagnoser:
 def merge_verdict(diagnosis: Diagnosis, verdict: LLMVerdict) -> Diagnosis:
     """A copy of ``diagnosis`` with the LLM's root cause and any causes it adds (rule causes kept)."""
     out = diagnosis.model_copy(deep=True)
-    out.root_cause = _clip(verdict.root_cause, 500)
+    out.root_cause = one_line(verdict.root_cause, 500)
     out.source = "llm"
     have = {c.cause for c in out.causes}
-    evidence = "llm: " + _clip(verdict.evidence or verdict.root_cause, 500)
+    evidence = "llm: " + one_line(verdict.evidence or verdict.root_cause, 500)
     for cause in verdict.causes:
         if cause not in have:
             have.add(cause)

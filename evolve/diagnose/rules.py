@@ -12,7 +12,7 @@ from collections import Counter
 from collections.abc import Callable
 
 from evolve.diagnose.detectors import LoopDetector, StagnationDetector
-from evolve.diagnose.diff import diff_states, is_progress, normalize_text, state_key
+from evolve.diagnose.diff import diff_states, is_progress, state_key
 from evolve.schema import (
     ActionSource,
     CauseEvidence,
@@ -23,6 +23,7 @@ from evolve.schema import (
     Step,
     Trajectory,
 )
+from evolve.text import normalise, one_line
 
 # Feedback of TextWorld / Inform7, ScienceWorld and Jericho parsers that means "not a valid command".
 INVALID_PATTERNS: tuple[str, ...] = (
@@ -108,13 +109,11 @@ CAUSE_ORDER: tuple[FailureCause, ...] = (
 )
 _RANK = {c: i for i, c in enumerate(CAUSE_ORDER)}
 
+EVIDENCE_CHARS = 160
+"""Length of the observation quote a cause's evidence carries."""
+
 # Causes that end an episode by themselves; always kept in the episode diagnosis.
 TERMINAL_CAUSES = frozenset({FailureCause.env_error, FailureCause.policy_error, FailureCause.lost})
-
-
-def _clip(text: str, limit: int = 160) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _sentence_around(text: str, match: re.Match[str]) -> str:
@@ -122,7 +121,7 @@ def _sentence_around(text: str, match: re.Match[str]) -> str:
     start = max(text.rfind(c, 0, match.start()) for c in ".!?\n") + 1
     ends = [i for i in (text.find(c, match.end()) for c in ".!?\n") if i >= 0]
     end = min(ends) + 1 if ends else len(text)
-    return _clip(text[start:end].strip())
+    return one_line(text[start:end].strip(), EVIDENCE_CHARS)
 
 
 def _first_match(patterns: list[re.Pattern[str]], text: str) -> re.Match[str] | None:
@@ -145,7 +144,7 @@ def feedback_head(text: str, sentences: int = 2, limit: int = 300) -> str:
 
 def is_info_action(action: str) -> bool:
     """True for actions that only reveal information (look, inventory, examine X, read X, ...)."""
-    words = normalize_text(action).split()
+    words = normalise(action).split()
     return bool(words) and words[0] in INFO_VERBS
 
 
@@ -201,15 +200,15 @@ class RuleDiagnoser:
         error_cause = classify_error(step)
         if error_cause is not None:
             if step.error:
-                add(error_cause, f"error on '{action}': {_clip(step.error)}")
+                add(error_cause, f"error on '{action}': {one_line(step.error, EVIDENCE_CHARS)}")
             else:
-                raw = f"; raw output: {_clip(step.action.raw, 100)}" if step.action.raw else ""
+                raw = f"; raw output: {one_line(step.action.raw, 100)}" if step.action.raw else ""
                 add(error_cause, f"action '{action}' is a fallback (policy output not usable){raw}")
 
         blocked = post.info.get("guardrail_blocked")
         executed = error_cause != FailureCause.env_error and not blocked
         if blocked:
-            why = blocked if isinstance(blocked, str) else _clip(text)
+            why = blocked if isinstance(blocked, str) else one_line(text, EVIDENCE_CHARS)
             add(FailureCause.guardrail_blocked, f"guardrail blocked '{action}': {why}")
 
         if executed:
@@ -221,7 +220,7 @@ class RuleDiagnoser:
                 f"score {pre.state.score:g} -> {post.state.score:g} after '{action}'",
             )
         if post.state.lost and not pre.state.lost:
-            add(FailureCause.lost, f"episode lost after '{action}': {_clip(text)}")
+            add(FailureCause.lost, f"episode lost after '{action}': {one_line(text, EVIDENCE_CHARS)}")
 
         progressed = is_progress(pre.state, post.state)
         if progressed:
@@ -255,9 +254,9 @@ class RuleDiagnoser:
         """invalid_action, precondition_unmet and no_effect, read from admissibility and feedback."""
         pre = step.pre_state
         action, text = step.action.text, step.post_state.text
-        norm_action = normalize_text(action)
-        self._seen_texts.add(normalize_text(pre.text))
-        norm_text = normalize_text(text)
+        norm_action = normalise(action)
+        self._seen_texts.add(normalise(pre.text))
+        norm_text = normalise(text)
         novel = norm_text not in self._seen_texts
         self._seen_texts.add(norm_text)
         key = (state_key(pre), norm_action)
@@ -266,7 +265,7 @@ class RuleDiagnoser:
 
         found = False
         admissible = pre.admissible_actions
-        if admissible is not None and norm_action not in {normalize_text(a) for a in admissible}:
+        if admissible is not None and norm_action not in {normalise(a) for a in admissible}:
             add(
                 FailureCause.invalid_action,
                 f"'{action}' is not among the {len(admissible)} admissible actions",
@@ -296,7 +295,7 @@ class RuleDiagnoser:
             if repeated_answer:
                 add(FailureCause.no_effect, f"'{action}' repeated in the same state with the same answer")
         elif not novel:
-            add(FailureCause.no_effect, f"'{action}' changed nothing: \"{_clip(text, 100)}\" seen before")
+            add(FailureCause.no_effect, f"'{action}' changed nothing: \"{one_line(text, 100)}\" seen before")
 
 
 def episode_won(traj: Trajectory) -> bool:

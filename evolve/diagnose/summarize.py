@@ -10,11 +10,7 @@ from collections import Counter
 from evolve.diagnose.diff import is_progress
 from evolve.diagnose.rules import CAUSE_ORDER, diagnose_trajectory
 from evolve.schema import Diagnosis, Outcome, Segment, Trajectory
-
-
-def _clip(text: str, limit: int) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+from evolve.text import one_line
 
 
 def _sentence(text: str) -> str:
@@ -32,7 +28,7 @@ def _actions(actions: list[str], limit: int = 8) -> str:
 def summarize_segment(seg: Segment) -> str:
     """One line: which steps, whether the subgoal was reached, the actions and the state change."""
     status = f"reached subgoal (progress {seg.progress:+.3g})" if seg.succeeded else "no subgoal reached"
-    return _clip(
+    return one_line(
         f"Segment {seg.index} (steps {seg.start}-{max(seg.start, seg.end - 1)}): {status}. "
         f"Actions: {_actions(seg.actions) or 'none'}. Changes: {seg.diff.summary()}.",
         600,
@@ -57,10 +53,10 @@ def summarize_episode(traj: Trajectory) -> str:
     diag = traj.diagnosis or Diagnosis(step_index=-1)
     reached = sum(is_progress(s.pre_state.state, s.post_state.state) for s in traj.steps)
     parts = [
-        "Goal: " + _sentence(_clip(traj.goal, 200) or "unknown"),
+        "Goal: " + _sentence(one_line(traj.goal, 200) or "unknown"),
         f"Outcome: {_outcome(traj)} after {len(traj.steps)} steps, score {score_text},"
         f" {reached} subgoal(s) reached.",
-        "Changes: " + _sentence(_clip(diag.diff.summary(), 240)),
+        "Changes: " + _sentence(one_line(diag.diff.summary(), 240)),
     ]
     counts: Counter[str] = Counter(
         c.cause.value for s in traj.steps if s.diagnosis for c in s.diagnosis.causes
@@ -71,5 +67,5 @@ def summarize_episode(traj: Trajectory) -> str:
         ranked = sorted(counts, key=lambda c: (-counts[c], order[c]))[:4]
         parts.append("Causes: " + ", ".join(f"{c} x{counts[c]}" for c in ranked) + ".")
     if diag.root_cause:
-        parts.append("Root cause: " + _sentence(_clip(diag.root_cause, 200)))
+        parts.append("Root cause: " + _sentence(one_line(diag.root_cause, 200)))
     return " ".join(parts)

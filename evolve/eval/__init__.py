@@ -1,16 +1,46 @@
-"""Evaluation: metrics with bootstrap CIs, arm comparisons, the harness, and reports with plots."""
+"""Evaluation: metrics with bootstrap CIs, the harness (arms, learning curve, ADAPT, probation
+runner, usage write-back) and reports with plots. Memory arrives from the recipe as a
+:class:`Memory`; nothing here imports ``evolve.skills`` or the pipeline."""
 
+from evolve.eval.adapt import adapt
+from evolve.eval.harness import (
+    ARMS,
+    Episodes,
+    Memory,
+    ProbationRunner,
+    arm_hooks,
+    compare_arms,
+    knowledge_counts,
+    learning_curve,
+    record_usage,
+    run_arms,
+    task_ids,
+)
 from evolve.eval.metrics import ArmMetrics, Comparison, Estimate, arm_metrics, bootstrap, compare
-from evolve.eval.report import CurvePoint, EvalReport, write_report
+from evolve.eval.report import AdaptPoint, CurvePoint, EvalReport, print_report, write_report
 
 __all__ = [
+    "ARMS",
+    "AdaptPoint",
     "ArmMetrics",
     "Comparison",
     "CurvePoint",
+    "Episodes",
     "Estimate",
     "EvalReport",
+    "Memory",
+    "ProbationRunner",
+    "adapt",
+    "arm_hooks",
     "arm_metrics",
     "bootstrap",
     "compare",
+    "compare_arms",
+    "knowledge_counts",
+    "learning_curve",
+    "print_report",
+    "record_usage",
+    "run_arms",
+    "task_ids",
     "write_report",
 ]

@@ -1,148 +1,321 @@
-"""The evaluation harness: arms on the same held-out tasks and seeds, metrics, report, plots."""
+"""The evaluation harness: arms on the same held-out tasks and seeds, the learning curve, the
+probation runner and the write-back of usage. ADAPT is in :mod:`evolve.eval.adapt`.
+
+The harness runs episodes (through :func:`evolve.agents.collect.run_missing`: resumable, each
+finished episode committed) and measures them; it never builds memory itself. The recipe that
+uses it (``evolve run``, ``evolve eval``, ``bench/evolution.py``) hands it a :class:`Memory`:
+how to turn knowledge or raw trajectories into hooks, how to distil a snapshot, how to count
+usage. So ``eval`` depends on agents, envs and stores only, never on ``skills`` or the recipe.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
-from evolve.eval.metrics import arm_metrics, compare
-from evolve.eval.report import CurvePoint, EvalReport, write_report
-from evolve.schema import Split, Trajectory
+from evolve.agents.base import AgentHooks
+from evolve.agents.collect import EnvSpec, run_missing
+from evolve.agents.specs import PolicySpec
+from evolve.errors import ConfigError
+from evolve.eval.metrics import Comparison, bootstrap, compare
+from evolve.eval.report import CurvePoint
+from evolve.schema import Knowledge, Split, Task, Trajectory
+from evolve.stores import ExperienceStore
 
-if TYPE_CHECKING:
-    from evolve.pipeline import Ctx
+HooksFactory = Callable[[], AgentHooks]
+Usage = Mapping[str, tuple[int, int, int]]
+
+ARMS = ("no_memory", "raw_retrieval", "evolve", "oracle")
+"""``no_memory`` the base policy alone; ``raw_retrieval`` retrieval of raw past trajectories;
+``evolve`` skills + guardrails + replanning; ``oracle`` the env's oracle policy (a ceiling)."""
 
 
-def _hooks_for(ctx: Ctx, arm: str, train: list[Trajectory]) -> Any:
-    emb = ctx.cfg.store.embedder
+@dataclass(frozen=True)
+class Memory:
+    """How the recipe's memory is built: what the harness receives instead of importing it.
+
+    ``evolve(knowledge)`` and ``raw(trajectories)`` return picklable zero-argument hooks factories
+    (they run in worker processes); ``distill(trajectories)`` returns knowledge ready to use,
+    written nowhere (learning curve, ADAPT); ``usage(trajectories)`` returns ``(uses, successes,
+    failures)`` per knowledge id, read from the trajectories.
+    """
+
+    evolve: Callable[[Sequence[Knowledge]], HooksFactory]
+    raw: Callable[[Sequence[Trajectory]], HooksFactory] | None = None
+    distill: Callable[[Sequence[Trajectory]], list[Knowledge]] | None = None
+    usage: Callable[[Sequence[Trajectory]], Usage] | None = None
+
+
+@dataclass
+class Episodes:
+    """Runs the missing episodes of an arm with one store, env and base policy.
+
+    An arm's episodes are recorded under ``(namespace, run_id, arm)``; ``run_id=None`` gives each
+    arm its own run id (its label). ``seeds`` x ``trials`` laps: see :func:`run_missing`.
+    """
+
+    store: ExperienceStore
+    env: EnvSpec
+    policy: PolicySpec | dict[str, Any]
+    namespace: str | None = None
+    run_id: str | None = None
+    split: Split | str = Split.test
+    seeds: Sequence[int] = (0,)
+    trials: int = 1
+    max_steps: int = 40
+    workers: int = 1
+    retry_errors: bool = False
+    progress: bool = True
+    ray_address: str | None = None
+    announce: Callable[[str, int, int], None] | None = None
+    """``announce(arm, n, seed)`` before a pass that runs ``n`` episodes."""
+
+    @property
+    def ns(self) -> str:
+        return self.namespace or self.store.namespace
+
+    def run(
+        self,
+        arm: str,
+        tasks: Sequence[Task | str],
+        *,
+        hooks: HooksFactory | None = None,
+        policy: PolicySpec | dict[str, Any] | None = None,
+        seeds: Sequence[int] | None = None,
+        trials: int | None = None,
+    ) -> list[Trajectory]:
+        """The arm's trajectories on ``tasks`` (running only those the store does not hold)."""
+        announce = self.announce
+        return run_missing(
+            self.store,
+            self.env,
+            policy if policy is not None else self.policy,
+            tasks=tasks,
+            arm=arm,
+            run_id=self.run_id,
+            namespace=self.ns,
+            seeds=self.seeds if seeds is None else seeds,
+            trials=self.trials if trials is None else trials,
+            split=self.split,
+            max_steps=self.max_steps,
+            workers=self.workers,
+            hooks_factory=hooks,
+            retry_errors=self.retry_errors,
+            ray_address=self.ray_address,
+            progress=self.progress,
+            announce=None if announce is None else (lambda n, seed: announce(arm, n, seed)),
+        )
+
+
+def task_ids(env: EnvSpec, split: Split | str, limit: int | None = None) -> list[str]:
+    """The ids of ``env``'s tasks in ``split``, the first ``limit`` of them (a clear error if none)."""
+    e = env.make()
+    try:
+        ids = [t.id for t in e.tasks(Split(split))]
+    finally:
+        e.close()
+    if limit is not None:
+        ids = ids[:limit]
+    if not ids:
+        raise ConfigError(f"env '{env.name}' has no tasks in split '{Split(split).value}'; check env.kwargs")
+    return ids
+
+
+# ------------------------------------------------------------------------------------ arms
+
+
+def arm_hooks(
+    arm: str, memory: Memory, knowledge: Sequence[Knowledge], train: Sequence[Trajectory]
+) -> HooksFactory | None:
+    """The hooks an arm runs with: none, raw trajectories (``train``), or the ``knowledge``."""
     if arm in ("no_memory", "oracle"):
         return None
     if arm == "raw_retrieval":
-        from evolve.skills import RawTrajectoryMemory
-
-        return RawTrajectoryMemory.factory(train, embedder=emb)
+        if memory.raw is None:
+            raise ConfigError("arm 'raw_retrieval' needs a raw-trajectory memory (Memory.raw)")
+        return memory.raw(train)
     if arm == "evolve":
-        from evolve.skills import EvolveMemory
-
-        knowledge = [
-            *ctx.store.skills(ctx.ns, status="active"),
-            *ctx.store.guardrails(ctx.ns, status="active"),
-        ]
-        return EvolveMemory.factory(knowledge, embedder=emb)
-    raise ValueError(arm)
+        return memory.evolve(knowledge)
+    raise ConfigError(f"unknown arm {arm!r}; arms are: {', '.join(ARMS)}")
 
 
-def evaluate_job(ctx: Ctx) -> dict[str, Any]:
-    """Run every configured arm on the eval split (resumably), then write report.md + plots."""
-    from evolve.pipeline import _episodes, _tasks
-
-    st = ctx.cfg.stages.eval
-    assert st is not None
-    task_ids = _tasks(ctx, st.split, st.episodes)
-    train = [t for t in ctx.trajs() if t.arm.startswith("collect:") and t.split == Split.train]
-    results: dict[str, list[Trajectory]] = {}
-    for arm in st.arms:
-        policy_key = st.policy
-        if arm == "oracle":
-            policy_key = next((k for k, p in ctx.cfg.policies.items() if p.kind == "oracle"), None) or ""
-            if not policy_key:
-                continue
-        results[arm] = _episodes(
-            ctx,
-            arm=f"eval:{arm}",
-            policy_key=policy_key,
-            split=st.split,
-            task_ids=task_ids,
-            seeds=st.seeds,
-            max_steps=st.max_steps,
-            workers=st.workers,
-            hooks_factory=_hooks_for(ctx, arm, train),
-        )
-    curve = _learning_curve(ctx, train, task_ids) if st.learning_curve else []
-    arms = [arm_metrics(a, ts, st.bootstrap) for a, ts in results.items()]
-    comps = []
-    if "evolve" in results:
-        for other in ("no_memory", "raw_retrieval"):
-            if other in results:
-                comps.append(compare("evolve", results["evolve"], other, results[other], st.bootstrap))
-    k_stats = {
-        "skills": {s: len(ctx.store.skills(ctx.ns, status=s)) for s in ("candidate", "active", "retired")},
-        "guardrails": {
-            s: len(ctx.store.guardrails(ctx.ns, status=s)) for s in ("candidate", "active", "retired")
-        },
-        "train_episodes": len(train),
-    }
-    report = EvalReport(
-        title=f"evolve eval: {ctx.cfg.name}",
-        env=ctx.cfg.env.name,
-        split=st.split,
-        policy=f"{st.policy} ({ctx.cfg.policies[st.policy].kind})",
-        arms=arms,
-        comparisons=comps,
-        curve=curve,
-        knowledge=k_stats,
-        notes=[
-            f"Held-out tasks: {len(task_ids)} x seeds {st.seeds}; knowledge distilled from train episodes only, "
-            f"activated by probation on {ctx.cfg.stages.distill.probation.split if ctx.cfg.stages.distill else '-'} "
-            "tasks.",
-            f"Run id {ctx.run_id}; trajectories are in {ctx.cfg.store_path} (namespace {ctx.ns}).",
-        ],
-    )
-    files = write_report(report, ctx.run_dir)
-    _print_table(ctx, report)
-    return {
-        "report": str(files["report"]),
-        "success": {m.arm: round(m.success.mean, 3) for m in arms},
-        "episodes_per_arm": len(task_ids) * len(st.seeds),
-    }
+def run_arms(
+    episodes: Episodes,
+    memory: Memory,
+    arms: Sequence[str],
+    tasks: Sequence[Task | str],
+    *,
+    knowledge: Sequence[Knowledge],
+    train: Sequence[Trajectory],
+    policies: Mapping[str, PolicySpec | dict[str, Any]] | None = None,
+    label: Callable[[str], str] = lambda arm: f"eval:{arm}",
+    after: Callable[[str, list[Trajectory]], None] | None = None,
+) -> dict[str, list[Trajectory]]:
+    """Every arm on the same ``tasks`` and seeds. ``policies`` overrides an arm's policy (the
+    ``oracle`` arm runs only when it names one); ``after(arm, trajectories)`` follows each arm."""
+    policies = policies or {}
+    out: dict[str, list[Trajectory]] = {}
+    for arm in arms:
+        if arm == "oracle" and "oracle" not in policies:
+            continue
+        hooks = arm_hooks(arm, memory, knowledge, train)
+        out[arm] = episodes.run(label(arm), tasks, hooks=hooks, policy=policies.get(arm))
+        if after is not None:
+            after(arm, out[arm])
+    return out
 
 
-def _learning_curve(ctx: Ctx, train: list[Trajectory], task_ids: list[str]) -> list[CurvePoint]:
-    """Success on the eval split when knowledge comes from only the first N train episodes."""
-    from evolve.eval.metrics import bootstrap
-    from evolve.pipeline import _episodes
-    from evolve.skills import EvolveMemory, distill_snapshot
+def compare_arms(results: Mapping[str, Sequence[Trajectory]], n_boot: int = 2000) -> list[Comparison]:
+    """evolve - no_memory and evolve - raw_retrieval, paired on (task, seed, trial)."""
+    if "evolve" not in results:
+        return []
+    return [
+        compare("evolve", results["evolve"], other, results[other], n_boot)
+        for other in ("no_memory", "raw_retrieval")
+        if other in results
+    ]
 
-    st = ctx.cfg.stages.eval
-    assert st is not None
-    order = sorted(train, key=lambda t: (t.created_at, t.id))
-    points = []
-    for n in st.learning_curve:
-        subset = order[: min(n, len(order))]
-        knowledge = distill_snapshot(subset, ctx.store, namespace=ctx.ns)
-        trajs = _episodes(
-            ctx,
-            arm=f"curve:{n}",
-            policy_key=st.policy,
-            split=st.split,
-            task_ids=task_ids,
-            seeds=st.seeds,
-            max_steps=st.max_steps,
-            workers=st.workers,
-            hooks_factory=EvolveMemory.factory(knowledge, embedder=ctx.cfg.store.embedder),
-        )
-        est = bootstrap([1.0 if t.success else 0.0 for t in trajs], st.bootstrap)
+
+# -------------------------------------------------------------------------- learning curve
+
+
+def learning_curve(
+    episodes: Episodes,
+    memory: Memory,
+    train: Sequence[Trajectory],
+    sizes: Sequence[int | str],
+    tasks: Sequence[Task | str],
+    *,
+    label: Callable[[int], str] = lambda n: f"curve:{n}",
+    n_boot: int = 2000,
+    log: Callable[[str], None] | None = None,
+) -> list[CurvePoint]:
+    """Success on ``tasks`` when knowledge is distilled from only the first N ``train`` episodes.
+
+    ``sizes`` are counts (capped at ``len(train)``) or ``"all"``; a repeated count is measured
+    once. The snapshots are unprobated (:attr:`Memory.distill`): this shows how knowledge
+    accumulates, not what probation would keep.
+    """
+    if memory.distill is None:
+        raise ConfigError("the learning curve needs Memory.distill")
+    points: list[CurvePoint] = []
+    for tok in sizes:
+        n = len(train) if str(tok).strip() == "all" else min(int(tok), len(train))
+        if any(p.train_episodes == n for p in points):
+            continue
+        subset = list(train[:n])
+        snap = memory.distill(subset) if subset else []
+        trajs = episodes.run(label(n), tasks, hooks=memory.evolve(snap))
+        est = bootstrap([1.0 if t.success else 0.0 for t in trajs], n_boot)
         points.append(
             CurvePoint(
-                train_episodes=len(subset),
+                train_episodes=n,
+                train_successes=sum(t.success for t in subset),
                 success=est.mean,
                 lo=est.lo,
                 hi=est.hi,
-                skills=sum(1 for k in knowledge if hasattr(k, "preconditions")),
-                guardrails=sum(1 for k in knowledge if hasattr(k, "forbidden_action")),
+                skills=sum(k.kind == "skill" for k in snap),
+                guardrails=sum(k.kind == "guardrail" for k in snap),
+                episodes=len(trajs),
             )
         )
+        if log is not None:
+            log(f"curve: {n} train episodes -> {100 * est.mean:.1f}% success ({len(trajs)} episodes)")
     return points
 
 
-def _print_table(ctx: Ctx, report: EvalReport) -> None:
-    from rich.table import Table
+# ------------------------------------------------------------------------------ probation
 
-    t = Table(title=f"{report.env} {report.split} — {report.policy}")
-    for c in ("arm", "episodes", "success % [95% CI]", "score", "steps", "top failure causes"):
-        t.add_column(c)
-    for m in report.arms:
-        top = ", ".join(f"{k} {v}" for k, v in list(m.failure_causes.items())[:3])
-        t.add_row(
-            m.arm, str(m.episodes), m.success.fmt(100), f"{m.score.mean:.1f}", f"{m.steps_mean:.1f}", top
-        )
-    ctx.console.print(t)
+
+@dataclass
+class ProbationRunner:
+    """The runner :func:`evolve.skills.run_probation` calls: ``runner(knowledge, task_ids, arm)``
+    runs the base policy with ``memory.evolve(knowledge)`` on those tasks and returns the episodes.
+
+    Each call's episodes go under ``label(arm, knowledge)`` (resumable); every episode it returned
+    is kept in :attr:`trajectories` (for the usage write-back).
+    """
+
+    episodes: Episodes
+    memory: Memory
+    tasks: Sequence[Task | str] = ()
+    """Known tasks: ids asked for are run as these objects when listed here."""
+    label: Callable[[str, Sequence[Knowledge]], str] = lambda arm, knowledge: f"probation:{arm}"
+    trajectories: list[Trajectory] = field(default_factory=list)
+
+    def __call__(
+        self, knowledge: Sequence[Knowledge] | None, task_ids: Sequence[str], arm: str
+    ) -> list[Trajectory]:
+        by_id = {t.id if isinstance(t, Task) else t: t for t in self.tasks}
+        tasks = [by_id.get(i, i) for i in task_ids]
+        hooks = None if knowledge is None else self.memory.evolve(knowledge)
+        trajs = self.episodes.run(self.label(arm, knowledge or []), tasks, hooks=hooks)
+        self.trajectories.extend(trajs)
+        return trajs
+
+
+# ------------------------------------------------------------------------------ usage
+
+
+def record_usage(
+    store: ExperienceStore,
+    memory: Memory,
+    trajectories: Sequence[Trajectory],
+    *,
+    run_id: str,
+    label: str,
+    effects: Mapping[str, float] | None = None,
+    namespace: str | None = None,
+) -> int:
+    """Write each knowledge item's uses, successes and failures in ``trajectories`` (and
+    ``effects``) back to the store: a new version per changed item, so the reliability term of
+    retrieval is learned from use. Returns how many items changed.
+
+    Idempotent: the ids of the trajectories already counted under ``(run_id, label)`` are kept in
+    the store (run state ``usage:<run_id>``, which ``--fresh`` leaves alone) in the same
+    transaction, so a rerun or a resumed run never counts an episode twice.
+    """
+    if memory.usage is None:
+        return 0
+    key = f"usage:{run_id}"
+    seen = store.stages(key).get(label, {}).get("data", {})
+    counted = set(seen.get("trajectories", []))
+    new = [t for t in trajectories if t.id not in counted]
+    if not new and not effects:
+        return 0
+    usage = memory.usage(new)
+    with store.transaction():
+        changed = store.record_usage(usage, effects, namespace)
+        data = {
+            "trajectories": sorted(counted | {t.id for t in new}),
+            "items": seen.get("items", 0) + changed,
+        }
+        store.set_stage(key, label, "done", data)
+    return changed
+
+
+def knowledge_counts(store: ExperienceStore, namespace: str | None = None) -> dict[str, dict[str, int]]:
+    """``{"skills"|"guardrails": {status: count}}``."""
+    ns = namespace or store.namespace
+    statuses = ("candidate", "active", "retired")
+    return {
+        "skills": {s: len(store.skills(ns, status=s)) for s in statuses},
+        "guardrails": {s: len(store.guardrails(ns, status=s)) for s in statuses},
+    }
+
+
+__all__ = [
+    "ARMS",
+    "Episodes",
+    "HooksFactory",
+    "Memory",
+    "ProbationRunner",
+    "arm_hooks",
+    "compare_arms",
+    "knowledge_counts",
+    "learning_curve",
+    "record_usage",
+    "run_arms",
+    "task_ids",
+]

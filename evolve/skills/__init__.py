@@ -7,6 +7,7 @@ The loop, end to end::
     hooks = EvolveMemory.from_store(store)                              # retrieve, propose, enforce
     traj = run_episode(env, policy, task, hooks=hooks)
 
+``GuardrailEnforcer`` is the one place that decides whether a guardrail refuses an action;
 ``RawTrajectoryMemory`` is the static raw-trajectory retrieval baseline.
 """
 
@@ -15,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from evolve.schema import Guardrail, KnowledgeStatus, Skill, Trajectory
+from evolve.schema import Guardrail, Knowledge, KnowledgeStatus, Skill, Trajectory
 from evolve.skills.baselines import RawTrajectoryMemory
 from evolve.skills.distill import (
     DistillResult,
@@ -26,6 +27,7 @@ from evolve.skills.distill import (
     harmful_reason,
     needed_steps,
 )
+from evolve.skills.enforce import GuardrailEnforcer
 from evolve.skills.memory import EvolveMemory, EvolveMemoryFactory, MemoryConfig, usage_from_trajectories
 from evolve.skills.merge import MergeResult, apply_usage, merge_into_store, merge_knowledge
 from evolve.skills.probation import paired_effect, probation, run_probation
@@ -53,7 +55,7 @@ def distill_knowledge(
     """
     ns = namespace or (store.namespace if store is not None else "default")
     r = distill(trajectories, namespace=ns, env=env, min_support=min_support, macros=macros)
-    items: list[Skill | Guardrail] = [*r.skills, *r.guardrails]
+    items: list[Knowledge] = [*r.skills, *r.guardrails]
     if store is None:
         res = merge_knowledge([], items, embedder=embedder, threshold=threshold)
     else:
@@ -67,7 +69,7 @@ def distill_snapshot(
     store: ExperienceStore | None = None,
     namespace: str | None = None,
     **kwargs: Any,
-) -> list[Skill | Guardrail]:
+) -> list[Knowledge]:
     """Knowledge distilled from ``trajectories`` alone, ready to use (status active), written nowhere.
 
     Items the store has retired (same signature) are left out: probation already found them harmful.
@@ -95,7 +97,7 @@ def distill_snapshot(
 
 def knowledge_of(
     store: ExperienceStore, namespace: str | None = None, statuses: Sequence[str] = ("active",)
-) -> list[Skill | Guardrail]:
+) -> list[Knowledge]:
     """The namespace's skills and guardrails with one of ``statuses``."""
     ns = namespace or store.namespace
     return [*store.skills(ns, status=list(statuses)), *store.guardrails(ns, status=list(statuses))]
@@ -106,6 +108,7 @@ __all__ = [
     "EvolveMemory",
     "EvolveMemoryFactory",
     "GoalTracker",
+    "GuardrailEnforcer",
     "KnowledgeIndex",
     "MemoryConfig",
     "MergeResult",

@@ -36,9 +36,9 @@ from evolve.schema import (
     Task,
     Trajectory,
 )
-from evolve.skills.retrieval import norm
 from evolve.stores.embedders import Embedder, make_embedder
 from evolve.stores.keyword import BM25Index
+from evolve.text import normalise as norm
 
 
 @dataclass(frozen=True)
@@ -80,12 +80,16 @@ class _Ep:
     goal: str = ""
     top: list[int] = field(default_factory=list)
     sims: list[float] = field(default_factory=list)
+    query: str = ""
+    """The text the trajectories were ranked for (goal + first observation)."""
+    others: list[tuple[int, float]] = field(default_factory=list)
+    """Ranked candidates below the top k (record index, similarity), logged once, not injected."""
     cursor: dict[int, int] = field(default_factory=dict)
     banned: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
     synced: int = 0
     logs: list[RetrievalLog] = field(default_factory=list)
     proposed: int = 0
-    query: tuple[str, object] | None = None
+    obs_vec: tuple[str, object] | None = None
     """(observation text, its embedding): one embedding per step, shared by retrieve and propose."""
 
 
@@ -102,6 +106,7 @@ class RawTrajectoryMemory:
         propose: bool = True,
         excerpt_steps: int = 5,
         namespace: str = "default",
+        log_top: int = 10,
     ) -> None:
         recs = [r if isinstance(r, TrajectoryRecord) else TrajectoryRecord.of(r) for r in trajectories]
         self.records = [r for r in recs if r.actions]
@@ -110,6 +115,8 @@ class RawTrajectoryMemory:
         self.propose_actions = propose
         self.excerpt_steps = excerpt_steps
         self.namespace = namespace
+        self.log_top = log_top
+        """Ranked trajectories logged per episode (the top ``k`` are logged at every step)."""
         self.embedder = make_embedder(embedder) if isinstance(embedder, str) or embedder is None else embedder
         docs = [f"{r.goal}\n{r.first_obs}" for r in self.records]
         self._doc_vecs = self.embedder.embed(docs) if docs else np.zeros((0, 1))
@@ -143,9 +150,12 @@ class RawTrajectoryMemory:
         if kw.max() > 0:
             kw = kw / kw.max()
         sims = 0.7 * dense + 0.3 * kw
-        top = [int(i) for i in np.argsort(-sims, kind="stable")[: self.k]]
+        ranked = [int(i) for i in np.argsort(-sims, kind="stable")[: max(self.k, self.log_top)]]
+        top = ranked[: self.k]
+        self._ep.query = q
         self._ep.top = top
         self._ep.sims = [float(sims[i]) for i in top]
+        self._ep.others = [(i, float(sims[i])) for i in ranked[self.k : self.log_top]]
         self._ep.cursor = {i: 0 for i in top}
 
     def _sync(self, history: list[Step]) -> None:
@@ -172,9 +182,9 @@ class RawTrajectoryMemory:
         if c >= len(vecs):
             return c
         text = obs.text[:400]
-        if ep.query is None or ep.query[0] != text:
-            ep.query = (text, self.embedder.embed([text])[0])
-        sims = vecs[c:] @ ep.query[1]
+        if ep.obs_vec is None or ep.obs_vec[0] != text:
+            ep.obs_vec = (text, self.embedder.embed([text])[0])
+        sims = vecs[c:] @ ep.obs_vec[1]
         # Prefer the cursor itself unless a later step is clearly more similar.
         j = int(np.argmax(sims))
         return c + j if sims[j] > sims[0] + 0.1 else c
@@ -194,19 +204,35 @@ class RawTrajectoryMemory:
                 + (" -> ".join(nxt) if nxt else "(end)")
             )
             ep.logs.append(
-                RetrievalLog(
-                    namespace=self.namespace,
-                    trajectory_id="",
-                    step_index=len(history),
-                    knowledge_id=r.id,
-                    kind="trajectory",
-                    score=ep.sims[rank],
-                    applicable=bool(nxt),
-                    injected=True,
-                    reason=f"aligned at step {pos}",
+                self._log(len(history), r.id, rank, ep.sims[rank], bool(nxt), True, f"aligned at step {pos}")
+            )
+        # The candidates that did not make the top k: once per episode (their scores never change).
+        for rank, (i, sim) in enumerate(ep.others, start=len(ep.top)):
+            ep.logs.append(
+                self._log(
+                    len(history), self.records[i].id, rank, sim, True, False, f"not in the top {self.k}"
                 )
             )
+        ep.others = []
         return MemoryContext(examples=examples)
+
+    def _log(
+        self, step: int, record_id: str, rank: int, sim: float, applicable: bool, injected: bool, reason: str
+    ) -> RetrievalLog:
+        return RetrievalLog(
+            namespace=self.namespace,
+            trajectory_id="",
+            step_index=step,
+            knowledge_id=record_id,
+            kind="trajectory",
+            score=sim,
+            applicable=applicable,
+            injected=injected,
+            reason=reason,
+            query=self._ep.query,
+            rank=rank,
+            similarity=sim,
+        )
 
     def propose(self, obs: Observation, history: list[Step], memory: MemoryContext) -> Action | None:
         if not self.propose_actions or obs.admissible_actions is None:

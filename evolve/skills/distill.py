@@ -58,20 +58,18 @@ from evolve.schema import (
     Trajectory,
     canonical_signature,
 )
-from evolve.skills.retrieval import (
+from evolve.skills.enforce import GuardrailEnforcer
+from evolve.skills.predicates import (
     CONSTANT_ARGS,
     SLOT,
-    STOP,
-    FactBase,
     format_predicate,
-    match_conditions,
-    norm,
     parse_predicate,
-    split_sentences,
-    stem,
     template_regex,
-    words,
 )
+from evolve.skills.retrieval import split_sentences
+from evolve.text import GROUNDING_STOPWORDS as STOP
+from evolve.text import normalise as norm
+from evolve.text import stem, words
 
 log = logging.getLogger(__name__)
 
@@ -685,23 +683,11 @@ def _make_guardrail(g: _GuardAcc, namespace: str) -> Guardrail:
 
 
 def refuses(guardrail: Guardrail, action: str, state: EnvState, goal: str = "") -> bool:
-    """True when ``guardrail`` would refuse ``action`` in ``state`` (regex, trigger and scope)."""
-    try:
-        rx = re.compile(guardrail.forbidden_action, re.IGNORECASE)
-    except re.error:
-        return False
-    m = rx.fullmatch(norm(action))
-    if m is None:
-        return False
-    if guardrail.scope == GuardrailScope.task and guardrail.task_pattern:
-        try:
-            if not re.search(guardrail.task_pattern, goal, re.IGNORECASE):
-                return False
-        except re.error:
-            return False
-    b = {k: norm(v) for k, v in m.groupdict().items() if v is not None}
-    sat, tot, _ = match_conditions(guardrail.trigger, FactBase.from_state(state), b)
-    return sat == tot
+    """True when ``guardrail`` would refuse ``action`` in ``state`` (regex, trigger and scope).
+
+    One-off convenience; to check many actions, build one :class:`GuardrailEnforcer` and reuse it.
+    """
+    return GuardrailEnforcer([guardrail]).refuses(action, state, goal)
 
 
 def harmful_reason(
@@ -713,10 +699,13 @@ def harmful_reason(
     raised the score, or, for precondition/invalid/loop rules, (c) any step where that action in
     fact worked (so the rule's claim is false there).
     """
+    enforcer = GuardrailEnforcer([guardrail])
+    if not len(enforcer):
+        return None  # a pattern that does not compile refuses nothing
     for t in successes:
         for i in needed_steps(t):
             s = t.steps[i]
-            if refuses(guardrail, s.action.text, s.pre_state.state, t.goal):
+            if enforcer.refuses(s.action.text, s.pre_state.state, t.goal):
                 return f"would refuse '{s.action.text}', needed at step {i} of successful episode {t.id}"
     for t in experience:
         for i, s in enumerate(t.steps):
@@ -732,7 +721,7 @@ def harmful_reason(
                     and any(c.cause in GUARD_CAUSES for c in s.diagnosis.causes)
                 )
             )
-            if (progressed or worked) and refuses(guardrail, s.action.text, s.pre_state.state, t.goal):
+            if (progressed or worked) and enforcer.refuses(s.action.text, s.pre_state.state, t.goal):
                 what = "made progress" if progressed else "worked"
                 return f"would refuse '{s.action.text}', which {what} at step {i} of episode {t.id}"
     return None

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from evolve.diagnose import diff_states, state_key
 from evolve.schema import (
@@ -37,6 +37,7 @@ from evolve.schema import (
     FailureCause,
     Guardrail,
     GuardrailVerdict,
+    Knowledge,
     KnowledgeStatus,
     MemoryContext,
     Observation,
@@ -47,27 +48,22 @@ from evolve.schema import (
     Task,
     Trajectory,
 )
-from evolve.skills.retrieval import (
-    FactBase,
-    GoalTracker,
-    KnowledgeIndex,
-    RetrievalConfig,
-    SkillMatch,
-    bind_predicates,
-    match_conditions,
-    norm,
-    template_slots,
-)
+from evolve.skills.predicates import FactBase, bind_predicates, match_conditions, template_slots
+from evolve.skills.retrieval import GoalTracker, KnowledgeIndex, RetrievalConfig, SkillMatch
 from evolve.stores import ExperienceStore
 from evolve.stores.embedders import Embedder, make_embedder
+from evolve.text import normalise as norm
 
 _FAIL_CAUSES = {FailureCause.invalid_action, FailureCause.no_effect, FailureCause.precondition_unmet}
 
 
-class MemoryConfig(BaseModel):
-    """Knobs of :class:`EvolveMemory` (picklable, so it travels to worker processes)."""
+class MemoryConfig(RetrievalConfig):
+    """Knobs of :class:`EvolveMemory` (picklable, so it travels to worker processes).
 
-    model_config = ConfigDict(extra="forbid")
+    The retrieval cut-offs and weights (``min_applicability``, ``min_score``, ``propose_score``,
+    ``max_candidates``, ``w_goal``, ``w_similarity``) are inherited from :class:`RetrievalConfig`:
+    the memory hands itself to its :class:`KnowledgeIndex`.
+    """
 
     top_k_skills: int = Field(3, ge=0)
     top_k_guardrails: int = Field(3, ge=0)
@@ -79,28 +75,13 @@ class MemoryConfig(BaseModel):
     """Refuse an action that already failed in the same state, or that repeats a detected loop."""
     replan_after: int = Field(12, ge=1)
     """Steps without finishing a goal sentence before local replanning moves past it."""
-    log_top: int = Field(5, ge=0)
-    """Skill candidates logged per step (injected ones are always logged)."""
-    min_applicability: float = 0.5
-    min_score: float = 0.3
-    propose_score: float = 0.4
+    log_top: int = Field(10, ge=0)
+    """Candidates logged per step and kind, best first (the reranker's training data; injected
+    ones are always logged)."""
     replan_score: float = 0.25
     """Lower propose cut-off right after a loop/stagnation event (exploring a new approach)."""
     continue_relevance: float = 0.3
     """Goal relevance a macro's next step needs, unless it acts on objects the macro already bound."""
-    max_candidates: int = 64
-    w_goal: float = 0.8
-    w_similarity: float = 0.2
-
-    def retrieval(self) -> RetrievalConfig:
-        return RetrievalConfig(
-            min_applicability=self.min_applicability,
-            min_score=self.min_score,
-            propose_score=self.propose_score,
-            max_candidates=self.max_candidates,
-            w_goal=self.w_goal,
-            w_similarity=self.w_similarity,
-        )
 
 
 @dataclass
@@ -132,6 +113,8 @@ class _Episode:
     notes: list[str] = field(default_factory=list)
     matches: list[SkillMatch] = field(default_factory=list)
     matches_at: int = -1
+    query: str = ""
+    """The text this step's candidates were retrieved for (goal + observation)."""
     used: dict[str, str] = field(default_factory=dict)
     """Knowledge that acted: skills whose steps were executed, guardrails that refused an action."""
     injected: set[str] = field(default_factory=set)
@@ -157,7 +140,7 @@ class EvolveMemory:
 
     def __init__(
         self,
-        knowledge: Sequence[Skill | Guardrail] = (),
+        knowledge: Sequence[Knowledge] = (),
         *,
         embedder: str | Embedder | None = "hash",
         namespace: str = "default",
@@ -171,7 +154,7 @@ class EvolveMemory:
         skills = [k for k in knowledge if isinstance(k, Skill)]
         guards = [k for k in knowledge if isinstance(k, Guardrail)]
         emb = make_embedder(embedder) if isinstance(embedder, str) or embedder is None else embedder
-        self.index = KnowledgeIndex(skills, guards, emb, statuses, self.config.retrieval())
+        self.index = KnowledgeIndex(skills, guards, emb, statuses, self.config)
         self.usage: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])
         """knowledge id -> [uses, successes, failures] accumulated over this object's episodes."""
         self._logs: list[RetrievalLog] = []
@@ -199,7 +182,7 @@ class EvolveMemory:
     @classmethod
     def factory(
         cls,
-        knowledge: Sequence[Skill | Guardrail],
+        knowledge: Sequence[Knowledge],
         embedder: str = "hash",
         *,
         namespace: str = "default",
@@ -233,19 +216,32 @@ class EvolveMemory:
         self._ep = _Episode(task=task, goal=goal, tracker=tracker)
 
     def _log(
-        self, step: int, kid: str, kind: str, score: float, applicable: bool, injected: bool, reason: str
+        self,
+        step: int,
+        knowledge: Knowledge,
+        rank: int,
+        score: float,
+        applicable: bool,
+        injected: bool,
+        reason: str,
+        similarity: float | None = None,
+        rerank_score: float | None = None,
     ) -> None:
         self._ep.logs.append(
             RetrievalLog(
                 namespace=self.namespace,
                 trajectory_id="",
                 step_index=step,
-                knowledge_id=kid,
-                kind=kind,  # type: ignore[arg-type]
+                knowledge_id=knowledge.id,
+                kind=knowledge.kind,  # type: ignore[arg-type]
                 score=float(score),
                 applicable=applicable,
                 injected=injected,
                 reason=reason[:300],
+                query=self._ep.query,
+                rank=rank,
+                similarity=None if similarity is None else float(similarity),
+                rerank_score=None if rerank_score is None else float(rerank_score),
             )
         )
 
@@ -343,7 +339,7 @@ class EvolveMemory:
         ep = self._ep
         if ep.matches_at == step_index:
             return ep.matches
-        query = f"{ep.goal}\n{obs.text}"[:2000]
+        query = ep.query = f"{ep.goal}\n{obs.text}"[:2000]
         if ep.tracker is not None:
             ep.tracker.entities = [norm(x) for x in [*obs.state.visible, *obs.state.inventory]]
         banned = ep.banned.get(state_key(obs), set())
@@ -362,22 +358,39 @@ class EvolveMemory:
         cfg = self.config
         injected = [m for m in matches if m.applicable and m.score >= cfg.min_score][: cfg.top_k_skills]
         inj_ids = {m.skill.id for m in injected}
-        for m in matches[: cfg.log_top]:
-            if m.skill.id not in inj_ids:
-                self._log(step_index, m.skill.id, "skill", m.score, m.applicable, False, m.reason)
-        for m in injected:
-            ep.injected.add(m.skill.id)
-            self._log(step_index, m.skill.id, "skill", m.score, True, True, m.reason)
+        ep.injected |= inj_ids
+        # Every scored candidate up to log_top per kind (and every injected one), with its rank.
+        for rank, m in enumerate(matches):
+            if rank < cfg.log_top or m.skill.id in inj_ids:
+                self._log(
+                    step_index,
+                    m.skill,
+                    rank,
+                    m.score,
+                    m.applicable,
+                    m.skill.id in inj_ids,
+                    m.reason,
+                    similarity=m.similarity,
+                    rerank_score=m.rerank_score,
+                )
         skills = [self._bound_copy(m) for m in injected]
-        guards = []
+        guards: list[Guardrail] = []
         if cfg.top_k_guardrails and self.index.guardrails:
-            gms = [g for g in self.index.guardrail_matches(obs, ep.goal) if g.applicable][
-                : cfg.top_k_guardrails
-            ]
-            for g in gms:
-                ep.injected.add(g.guardrail.id)
-                self._log(step_index, g.guardrail.id, "guardrail", g.score, True, True, g.reason)
-                guards.append(g.guardrail)
+            gms = self.index.guardrail_matches(obs, ep.goal)
+            guards = [g.guardrail for g in gms if g.applicable][: cfg.top_k_guardrails]
+            guard_ids = {g.id for g in guards}
+            ep.injected |= guard_ids
+            for rank, gm in enumerate(gms):
+                if rank < cfg.log_top or gm.guardrail.id in guard_ids:
+                    self._log(
+                        step_index,
+                        gm.guardrail,
+                        rank,
+                        gm.score,
+                        gm.applicable,
+                        gm.guardrail.id in guard_ids,
+                        gm.reason,
+                    )
         notes = list(ep.notes)
         ep.notes = []
         if ep.tracker is not None and ep.tracker.next_text() and (injected or notes):
@@ -526,14 +539,12 @@ class EvolveMemory:
 
     def flush(self, store: ExperienceStore, namespace: str | None = None) -> int:
         """Write the retrieval logs and usage stats gathered so far to ``store``; returns logs written."""
-        from evolve.skills.merge import apply_usage
-
         logs = self.pop_retrieval_logs()
         if namespace:
             logs = [r.model_copy(update={"namespace": namespace}) for r in logs]
         store.log_retrievals(logs)
-        apply_usage(
-            store, {k: (v[0], v[1], v[2]) for k, v in self.usage.items()}, namespace or self.namespace
+        store.record_usage(
+            {k: (v[0], v[1], v[2]) for k, v in self.usage.items()}, namespace=namespace or self.namespace
         )
         self.usage.clear()
         return len(logs)
@@ -543,7 +554,7 @@ class EvolveMemory:
 class EvolveMemoryFactory:
     """Builds an :class:`EvolveMemory` in a worker process (picklable: models and strings only)."""
 
-    knowledge: tuple[Skill | Guardrail, ...]
+    knowledge: tuple[Knowledge, ...]
     embedder: str = "hash"
     namespace: str = "default"
     env: str | None = None
@@ -563,7 +574,7 @@ class EvolveMemoryFactory:
 
 def usage_from_trajectories(trajs: Sequence[Trajectory]) -> dict[str, tuple[int, int, int]]:
     """``(uses, successes, failures)`` per knowledge id, read from ``metadata["evolve"]["used"]``
-    (what worker processes report back), for :func:`evolve.skills.merge.apply_usage`."""
+    (what worker processes report back), for :meth:`ExperienceStore.record_usage`."""
     out: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])
     for t in trajs:
         used = (t.metadata.get("evolve") or {}).get("used") or {}

@@ -18,8 +18,8 @@ from typing import TypeVar
 
 import numpy as np
 
-from evolve.schema import Guardrail, KnowledgeStats, KnowledgeStatus, Skill
-from evolve.skills.retrieval import LEXICAL_PREFIX, SLOT
+from evolve.schema import Guardrail, Knowledge, KnowledgeStats, KnowledgeStatus, Skill
+from evolve.skills.predicates import LEXICAL_PREFIX, SLOT
 from evolve.stores import ExperienceStore
 from evolve.stores.embedders import Embedder, HashingEmbedder
 
@@ -27,10 +27,6 @@ K = TypeVar("K", Skill, Guardrail)
 MAX_PROVENANCE = 500
 """Provenance is capped (newest kept) so a popular skill does not grow without bound."""
 _STATUS_RANK = {KnowledgeStatus.retired: 0, KnowledgeStatus.candidate: 1, KnowledgeStatus.active: 2}
-
-
-def _tokens(step: str) -> list[str]:
-    return step.split()
 
 
 def anti_unify(
@@ -48,7 +44,7 @@ def anti_unify(
     used = {m for s in (*a, *b) for m in SLOT.findall(s) if m.startswith(LEXICAL_PREFIX)}
     counter = len(used)
     for sa, sb in zip(a, b):
-        ta, tb = _tokens(sa), _tokens(sb)
+        ta, tb = sa.split(), sb.split()
         if len(ta) != len(tb):
             return None
         merged: list[str] = []
@@ -153,7 +149,7 @@ def merge_guardrail(base: Guardrail, other: Guardrail) -> Guardrail:
     )
 
 
-def _same_content(a: Skill | Guardrail, b: Skill | Guardrail) -> bool:
+def _same_content(a: Knowledge, b: Knowledge) -> bool:
     """Equal up to version and description: nothing new was learned."""
     skip = {"version", "description"}
     return a.model_dump(exclude=skip) == b.model_dump(exclude=skip)
@@ -163,24 +159,24 @@ def _same_content(a: Skill | Guardrail, b: Skill | Guardrail) -> bool:
 class MergeResult:
     """What a merge wrote: items new to the store, items that absorbed others, and the mapping."""
 
-    added: list[Skill | Guardrail] = field(default_factory=list)
-    updated: list[Skill | Guardrail] = field(default_factory=list)
+    added: list[Knowledge] = field(default_factory=list)
+    updated: list[Knowledge] = field(default_factory=list)
     merged_into: dict[str, str] = field(default_factory=dict)
     """incoming id -> id of the item it was merged into."""
 
     @property
-    def items(self) -> list[Skill | Guardrail]:
+    def items(self) -> list[Knowledge]:
         return [*self.added, *self.updated]
 
     @property
-    def candidates(self) -> list[Skill | Guardrail]:
+    def candidates(self) -> list[Knowledge]:
         """Added or updated items that still need probation (status candidate)."""
         return [k for k in self.items if k.status == KnowledgeStatus.candidate]
 
 
 def merge_knowledge(
-    existing: Sequence[Skill | Guardrail],
-    incoming: Sequence[Skill | Guardrail],
+    existing: Sequence[Knowledge],
+    incoming: Sequence[Knowledge],
     embedder: Embedder | None = None,
     threshold: float = 0.8,
 ) -> MergeResult:
@@ -189,17 +185,17 @@ def merge_knowledge(
     ``embedder`` defaults to a :class:`HashingEmbedder` (texts are short and templated).
     """
     embedder = embedder if embedder is not None else HashingEmbedder(512)
-    pool: dict[str, Skill | Guardrail] = {k.id: k for k in existing}
+    pool: dict[str, Knowledge] = {k.id: k for k in existing}
     by_sig: dict[tuple[str, str], list[str]] = {}
     for k in existing:
-        by_sig.setdefault((type(k).__name__, k.signature), []).append(k.id)
+        by_sig.setdefault((k.kind, k.signature), []).append(k.id)
     result = MergeResult()
-    touched: dict[str, Skill | Guardrail] = {}
+    touched: dict[str, Knowledge] = {}
     new_ids: set[str] = set()
     for item in incoming:
-        key = (type(item).__name__, item.signature)
+        key = (item.kind, item.signature)
         target_id = None
-        merged: Skill | Guardrail | None = None
+        merged: Knowledge | None = None
         for cid in by_sig.get(key, []):
             cand = touched.get(cid, pool[cid])
             if isinstance(item, Skill) and isinstance(cand, Skill):
@@ -239,7 +235,7 @@ def merge_knowledge(
 
 def merge_into_store(
     store: ExperienceStore,
-    incoming: Sequence[Skill | Guardrail],
+    incoming: Sequence[Knowledge],
     namespace: str | None = None,
     embedder: Embedder | None = None,
     threshold: float = 0.8,
@@ -264,30 +260,11 @@ def apply_usage(
     store: ExperienceStore,
     usage: Mapping[str, tuple[int, int, int]],
     namespace: str | None = None,
+    effects: Mapping[str, float] | None = None,
 ) -> int:
     """Add ``(uses, successes, failures)`` per knowledge id to its stats (confidence follows).
 
-    A stats change is no new version: the current version's row is rewritten. Unknown ids are
-    skipped (the knowledge may have been deleted with its source trajectory).
+    Kept for existing callers: :meth:`ExperienceStore.record_usage` does the work (each changed
+    item becomes a new version; unknown ids are skipped). Returns how many items changed.
     """
-    ns = namespace or store.namespace
-    skills: list[Skill] = []
-    guards: list[Guardrail] = []
-    for kid, (u, s, f) in usage.items():
-        try:
-            k = store.get_knowledge(kid, ns)
-        except Exception:  # noqa: BLE001 - a missing id is not an error here
-            continue
-        stats = k.stats.model_copy(
-            update={
-                "uses": k.stats.uses + u,
-                "successes": k.stats.successes + s,
-                "failures": k.stats.failures + f,
-            }
-        )
-        k = k.model_copy(update={"stats": stats})
-        (skills if isinstance(k, Skill) else guards).append(k)  # type: ignore[arg-type]
-    with store.transaction():
-        store.upsert_skills(skills)
-        store.upsert_guardrails(guards)
-    return len(skills) + len(guards)
+    return store.record_usage(usage, effects, namespace)

@@ -26,12 +26,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from evolve.schema import Guardrail, KnowledgeStatus, Skill, Task, Trajectory
+from evolve.schema import Guardrail, Knowledge, KnowledgeStatus, Skill, Task, Trajectory
 from evolve.stores import ExperienceStore
 
 log = logging.getLogger(__name__)
 
-Knowledge = Skill | Guardrail
 Runner = Callable[..., list[Trajectory]]
 
 

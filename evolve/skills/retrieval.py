@@ -2,7 +2,8 @@
 
 Knowledge speaks in templated predicates (``in({obj1}, I)``, ``locked({obj2})``) and templated
 actions (``unlock {obj2} with {obj1}``). Applying it means *binding* slots to what the current
-state holds:
+state holds (the matching itself lives in :mod:`evolve.skills.predicates`, enforcement in
+:mod:`evolve.skills.enforce`):
 
 * a skill's next step is bound by matching its template against the admissible actions; its
   preconditions are then checked against the state's facts, unbound slots existentially;
@@ -20,242 +21,36 @@ from __future__ import annotations
 
 import re
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict
 
-from evolve.diagnose import state_predicates
 from evolve.schema import (
-    EnvState,
     Guardrail,
-    GuardrailScope,
     GuardrailVerdict,
     KnowledgeStatus,
     Observation,
     Skill,
 )
+from evolve.skills.enforce import GuardrailEnforcer
+from evolve.skills.predicates import (
+    LEXICAL_PREFIX,
+    SLOT,
+    FactBase,
+    bind_predicates,
+    fill_template,
+    match_conditions,
+    template_regex,
+)
 from evolve.stores.embedders import Embedder
-from evolve.stores.keyword import BM25Index
-
-# --------------------------------------------------------------------------- predicates
-
-# Arguments every state shares (TextWorld's player and inventory): never generalised into slots.
-CONSTANT_ARGS = frozenset({"p", "i"})
-SLOT = re.compile(r"\{([a-z][a-z0-9_]*)\}")
-_PRED = re.compile(r"^\s*(not\s+)?([A-Za-z_][\w\-]*)\s*\((.*)\)\s*$", re.DOTALL)
-# Slots that stand for words (directions, verbs' objects that are no entity) and may only take
-# the values they were seen with; entity slots take any name the state offers.
-LEXICAL_PREFIX = "w"
-
-Pred = tuple[bool, str, tuple[str, ...]]
-
-
-def norm(text: str) -> str:
-    """Lower-case, single-spaced."""
-    return re.sub(r"\s+", " ", text.strip().lower())
-
-
-def parse_predicate(text: str) -> Pred | None:
-    """``"not at(P, {room})"`` -> ``(True, "at", ("p", "{room}"))``; None when it is no predicate."""
-    m = _PRED.match(text)
-    if not m:
-        return None
-    args = tuple(norm(a) for a in m.group(3).split(",")) if m.group(3).strip() else ()
-    return bool(m.group(1)), m.group(2).lower(), args
-
-
-def format_predicate(name: str, args: Sequence[str], negated: bool = False) -> str:
-    return ("not " if negated else "") + f"{name}({', '.join(args)})"
-
-
-class FactBase:
-    """The facts of one state, indexed by predicate name, for fast unification."""
-
-    def __init__(self, facts: Iterable[str]):
-        self.by_name: dict[str, list[tuple[str, ...]]] = defaultdict(list)
-        self.facts: set[tuple[str, tuple[str, ...]]] = set()
-        for f in facts:
-            p = parse_predicate(f)
-            if p is None or p[0]:
-                continue
-            key = (p[1], p[2])
-            if key not in self.facts:
-                self.facts.add(key)
-                self.by_name[p[1]].append(p[2])
-
-    @classmethod
-    def from_state(cls, state: EnvState) -> FactBase:
-        return cls(state_predicates(state))
-
-    def __len__(self) -> int:
-        return len(self.facts)
-
-
-def _unify(args: tuple[str, ...], fact: tuple[str, ...], binding: dict[str, str]) -> dict[str, str] | None:
-    if len(args) != len(fact):
-        return None
-    out = binding
-    for a, v in zip(args, fact):
-        m = SLOT.fullmatch(a)
-        if m is None:
-            if a != v:
-                return None
-            continue
-        slot = m.group(1)
-        bound = out.get(slot)
-        if bound is not None:
-            if bound != v:
-                return None
-            continue
-        # Two slots never name the same entity: a template with {obj1} and {obj2} means two things.
-        if v in out.values():
-            return None
-        if out is binding:
-            out = dict(binding)
-        out[slot] = v
-    return out
-
-
-def match_conditions(
-    conditions: Sequence[str],
-    facts: FactBase,
-    binding: dict[str, str] | None = None,
-    budget: int = 2000,
-) -> tuple[int, int, dict[str, str]]:
-    """Best existential match of templated predicates against ``facts``.
-
-    Returns ``(satisfied, total, binding)``: the largest number of conditions that hold together
-    under one extension of ``binding`` (a bounded depth-first search; ``budget`` caps the nodes
-    explored, after which the first option is taken greedily). Negated conditions hold when no
-    fact unifies with them. Conditions that do not parse count as unsatisfied.
-    """
-    binding = dict(binding or {})
-    parsed = [parse_predicate(c) for c in conditions]
-    total = len(parsed)
-    # Most-constrained first: conditions whose slots are already bound prune the search most.
-
-    def free(p: Pred) -> int:
-        return sum(1 for a in p[2] if (m := SLOT.fullmatch(a)) is not None and m.group(1) not in binding)
-
-    order = sorted((p for p in parsed if p is not None), key=lambda p: (p[0], free(p)))
-    nodes = [0]
-
-    def search(i: int, b: dict[str, str]) -> tuple[int, dict[str, str]]:
-        if i == len(order):
-            return 0, b
-        nodes[0] += 1
-        neg, name, args = order[i]
-        if neg:
-            hit = any(_unify(args, f, b) is not None for f in facts.by_name.get(name, ()))
-            c, bb = search(i + 1, b)
-            return c + (0 if hit else 1), bb
-        options = [u for f in facts.by_name.get(name, ()) if (u := _unify(args, f, b)) is not None]
-        if nodes[0] > budget:
-            options = options[:1]
-        best_c, best_b = -1, b
-        for u in options:
-            c, bb = search(i + 1, u)
-            if c + 1 > best_c:
-                best_c, best_b = c + 1, bb
-            if best_c == len(order) - i:
-                return best_c, best_b  # cannot do better
-        if not options or nodes[0] <= budget:
-            c, bb = search(i + 1, b)
-            if c > best_c:
-                best_c, best_b = c, bb
-        return best_c, best_b
-
-    sat, out = search(0, binding)
-    return max(sat, 0), total, out
-
-
-def template_slots(template: str) -> list[str]:
-    """Slot names of a template, first-occurrence order."""
-    return list(dict.fromkeys(SLOT.findall(template)))
-
-
-def _literal(text: str) -> str:
-    # Spaces in a template match any run of whitespace in the action.
-    return r"\s+".join(re.escape(w) for w in text.split(" "))
-
-
-def template_regex(template: str, slot_values: dict[str, list[str]] | None = None) -> re.Pattern[str]:
-    """A full-match, case-insensitive regex for a templated action; slots become named groups.
-
-    A repeated slot must repeat its value. Entity slots take any text; lexical slots (``{w1}``,
-    words that varied between instances, like a direction) take any single word: the instances
-    showed that this position varies, the recorded values only say which values were seen.
-    """
-    t = norm(template)
-    parts: list[str] = []
-    seen: set[str] = set()
-    pos = 0
-    for m in SLOT.finditer(t):
-        parts.append(_literal(t[pos : m.start()]))
-        slot = m.group(1)
-        if slot in seen:
-            parts.append(f"(?P={slot})")
-        elif slot.startswith(LEXICAL_PREFIX):
-            parts.append(f"(?P<{slot}>[^\\s]+)")
-        else:
-            parts.append(f"(?P<{slot}>.+?)")
-        seen.add(slot)
-        pos = m.end()
-    parts.append(_literal(t[pos:]))
-    return re.compile("".join(parts), re.IGNORECASE)
-
-
-def fill_template(template: str, binding: dict[str, str]) -> str | None:
-    """The template with its slots bound, or None when a slot has no value."""
-    missing = False
-
-    def sub(m: re.Match[str]) -> str:
-        nonlocal missing
-        v = binding.get(m.group(1))
-        if v is None:
-            missing = True
-            return m.group(0)
-        return v
-
-    text = SLOT.sub(sub, template)
-    return None if missing else text
-
-
-def bind_predicates(preds: Sequence[str], binding: dict[str, str]) -> list[str]:
-    """Predicates with the bound slots substituted (unbound slots stay as ``{slot}``)."""
-    return [SLOT.sub(lambda m: binding.get(m.group(1), m.group(0)), p) for p in preds]
-
+from evolve.stores.hybrid import HybridScorer
+from evolve.text import GROUNDING_STOPWORDS as STOP
+from evolve.text import content_stems, stem, words
+from evolve.text import normalise as norm
 
 # --------------------------------------------------------------------------- goal grounding
-
-_WORD = re.compile(r"[a-z0-9]+")
-# Function words that never name what an action acts on.
-_STOP_WORDS = (
-    "a an the of to in on at and or is are was be it its this that with for from by as you your "
-    "there here into onto inside up down some any then"
-)
-STOP = frozenset(_STOP_WORDS.split())
-_SUFFIXES = ("ing", "ed", "es", "en", "s")
-
-
-def words(text: str) -> list[str]:
-    return _WORD.findall(text.lower())
-
-
-def stem(word: str) -> str:
-    """A tiny stemmer: unlocked/unlocks/unlocking -> unlock, take/taken -> tak; never below 3 letters."""
-    for suf in _SUFFIXES:
-        if word.endswith(suf) and len(word) - len(suf) >= 3:
-            word = word[: -len(suf)]
-            break
-    if word.endswith("e") and len(word) > 3:
-        word = word[:-1]
-    return word
-
-
-def content_stems(text: str) -> list[str]:
-    return [stem(w) for w in words(text) if w not in STOP]
 
 
 def split_sentences(text: str) -> list[str]:
@@ -475,6 +270,9 @@ class SkillMatch:
     applicability: float = 0.0
     relevance: float = 0.0
     similarity: float = 0.0
+    """Hybrid dense + keyword similarity of the skill's text to the query."""
+    rerank_score: float | None = None
+    """The reranker's score for the skill, when one ran."""
     reliability: float = 0.5
     score: float = 0.0
     applicable: bool = False
@@ -493,8 +291,11 @@ class GuardrailMatch:
     reason: str = ""
 
 
-@dataclass
-class RetrievalConfig:
+class RetrievalConfig(BaseModel):
+    """Cut-offs and weights of :class:`KnowledgeIndex` (``MemoryConfig`` extends it with the agent knobs)."""
+
+    model_config = ConfigDict(extra="forbid")
+
     min_applicability: float = 0.5
     """Fraction of preconditions that must hold for a skill to count as applicable."""
     min_score: float = 0.3
@@ -505,15 +306,6 @@ class RetrievalConfig:
     """Dense + keyword prefilter size when the snapshot holds more skills than this."""
     w_goal: float = 0.8
     w_similarity: float = 0.2
-
-
-def _task_matches(g: Guardrail, goal: str) -> bool:
-    if g.scope != GuardrailScope.task or not g.task_pattern:
-        return True
-    try:
-        return re.search(g.task_pattern, goal, re.IGNORECASE) is not None
-    except re.error:
-        return False
 
 
 class KnowledgeIndex:
@@ -533,17 +325,9 @@ class KnowledgeIndex:
     ):
         keep = {KnowledgeStatus(s) for s in statuses}
         self.skills = [s for s in skills if s.status in keep and s.steps]
-        self.guardrails: list[Guardrail] = []
-        self._guard_re: list[re.Pattern[str]] = []
-        for g in guardrails:
-            if g.status not in keep:
-                continue
-            try:
-                rx = re.compile(g.forbidden_action, re.IGNORECASE)
-            except re.error:
-                continue  # a corrupt pattern must never block (or crash) an agent
-            self.guardrails.append(g)
-            self._guard_re.append(rx)
+        self.enforcer = GuardrailEnforcer(g for g in guardrails if g.status in keep)
+        """Enforces the indexed guardrails (a corrupt pattern is left out: it must never block an agent)."""
+        self.guardrails: list[Guardrail] = self.enforcer.guardrails
         self.config = config or RetrievalConfig()
         self.embedder = embedder
         self._step_re: list[list[re.Pattern[str]]] = [
@@ -584,8 +368,10 @@ class KnowledgeIndex:
             if len(regs) == 1
         ]
         texts = [s.text() for s in self.skills]
-        self._vecs = embedder.embed(texts) if (embedder is not None and texts) else None
-        self._bm25 = BM25Index(texts) if texts else None
+        # Dense + BM25 over the skill texts (the store's hybrid-search parts); set
+        # ``hybrid.reranker`` to rerank candidates, whose scores then land in ``rerank_scores``.
+        self.hybrid = HybridScorer(texts, embedder)
+        self.rerank_scores: dict[int, float] = {}
 
     # -- skills
     def cues_for(self, action: str) -> dict[str, float]:
@@ -606,24 +392,14 @@ class KnowledgeIndex:
         return []
 
     def similarities(self, query: str) -> np.ndarray:
-        """Dense cosine (0..1) blended with normalised BM25, per indexed skill."""
-        n = len(self.skills)
-        if n == 0:
-            return np.zeros(0)
-        dense = np.zeros(n)
-        if self._vecs is not None and self.embedder is not None:
-            q = self.embedder.embed([query])[0]
-            dense = np.clip(self._vecs @ q, 0.0, 1.0)
-        kw = self._bm25.scores(query) if self._bm25 is not None else np.zeros(n)
-        if kw.max() > 0:
-            kw = kw / kw.max()
-        return 0.7 * dense + 0.3 * kw
+        """Dense cosine (0..1) blended with normalised BM25 (0.7 / 0.3), per indexed skill."""
+        return self.hybrid.scores(query)
 
-    def candidates(self, sims: np.ndarray) -> list[int]:
-        n = len(self.skills)
-        if n <= self.config.max_candidates:
-            return list(range(n))
-        return [int(i) for i in np.argsort(-sims, kind="stable")[: self.config.max_candidates]]
+    def candidates(self, sims: np.ndarray, query: str | None = None) -> list[int]:
+        """Skills worth matching: all when few, else the best by ``sims`` (or, with a reranker and
+        a ``query``, the reranker's best of a deeper pool; its scores go to ``rerank_scores``)."""
+        rows, self.rerank_scores = self.hybrid.top(sims, self.config.max_candidates, query)
+        return rows
 
     def match_skill(
         self,
@@ -706,7 +482,7 @@ class KnowledgeIndex:
         query: str,
         banned: set[str] | None = None,
     ) -> list[SkillMatch]:
-        """Every candidate skill scored at its first step, best first."""
+        """Every candidate skill scored at its first step, best first (with its reranker score, if any)."""
         if not self.skills:
             return []
         facts = FactBase.from_state(obs.state)
@@ -716,10 +492,11 @@ class KnowledgeIndex:
             by_verb = defaultdict(list)
             for a in obs.admissible_actions:
                 by_verb[action_parts(a)[0]].append(a)
-        out = [
-            self.match_skill(i, obs, facts, tracker, float(sims[i]), banned=banned, by_verb=by_verb)
-            for i in self.candidates(sims)
-        ]
+        out = []
+        for i in self.candidates(sims, query):
+            m = self.match_skill(i, obs, facts, tracker, float(sims[i]), banned=banned, by_verb=by_verb)
+            m.rerank_score = self.rerank_scores.get(i)
+            out.append(m)
         out.sort(key=lambda m: (-m.score, -m.applicability, m.skill.id))
         return out
 
@@ -729,15 +506,15 @@ class KnowledgeIndex:
         they would refuse (those first)."""
         facts = FactBase.from_state(obs.state)
         out: list[GuardrailMatch] = []
-        for g, rx in zip(self.guardrails, self._guard_re):
-            if not _task_matches(g, goal):
+        for rule in self.enforcer.rules:
+            if not rule.in_scope(goal):
                 continue
+            g = rule.guardrail
             gm = GuardrailMatch(guardrail=g)
             for a in (obs.admissible_actions or [])[:limit]:
-                mm = rx.fullmatch(norm(a))
-                if mm is None:
+                b = rule.binding(norm(a))
+                if b is None:
                     continue
-                b = {k: norm(v) for k, v in mm.groupdict().items() if v is not None}
                 sat, tot, full = match_conditions(g.trigger, facts, b)
                 if sat == tot:
                     gm.action, gm.binding, gm.applicable = a, full, True
@@ -757,24 +534,5 @@ class KnowledgeIndex:
         return out
 
     def check(self, action: str, obs: Observation, goal: str) -> GuardrailVerdict:
-        """Enforce: the first active guardrail whose regex full-matches ``action``, whose trigger
-        holds under the regex's binding and whose scope matches the task refuses it."""
-        a = norm(action)
-        facts: FactBase | None = None
-        for g, rx in zip(self.guardrails, self._guard_re):
-            mm = rx.fullmatch(a)
-            if mm is None or not _task_matches(g, goal):
-                continue
-            if facts is None:
-                facts = FactBase.from_state(obs.state)
-            b = {k: norm(v) for k, v in mm.groupdict().items() if v is not None}
-            sat, tot, _ = match_conditions(g.trigger, facts, b)
-            if sat == tot:
-                when = "; ".join(bind_predicates(g.trigger, b)) or "always"
-                return GuardrailVerdict(
-                    allowed=False,
-                    guardrail_id=g.id,
-                    reason=f"{g.root_cause.value} guardrail: '{action}' is refused when {when}"
-                    + (f" ({g.description})" if g.description else ""),
-                )
-        return GuardrailVerdict()
+        """Enforce the indexed guardrails on ``action`` (see :class:`~evolve.skills.enforce.GuardrailEnforcer`)."""
+        return self.enforcer.check(action, obs.state, goal)

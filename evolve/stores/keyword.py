@@ -9,48 +9,10 @@ candidate mask restricts results to the rows a metadata filter allowed.
 
 from __future__ import annotations
 
-import re
-
 import numpy as np
 from scipy import sparse
 
-_TOKEN = re.compile(r"[a-z0-9]+")
-_STOP = frozenset(
-    [
-        "a",
-        "an",
-        "the",
-        "of",
-        "to",
-        "in",
-        "on",
-        "at",
-        "and",
-        "or",
-        "is",
-        "are",
-        "was",
-        "be",
-        "it",
-        "this",
-        "that",
-        "with",
-        "for",
-        "from",
-        "by",
-        "as",
-        "you",
-        "your",
-        "there",
-        "here",
-        "into",
-        "onto",
-    ]
-)
-
-
-def tokenize(text: str) -> list[str]:
-    return [t for t in _TOKEN.findall(text.lower()) if t not in _STOP]
+from evolve.text import tokenize
 
 
 class BM25Index:

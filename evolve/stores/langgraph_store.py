@@ -539,7 +539,7 @@ class EvolveStore(BaseStore):
         # One transaction gives the batch's reads one snapshot and makes its writes atomic. A
         # read-only store cannot begin one, so its batches only take the store's lock.
         if self.store.read_only:
-            with self.store._lock:
+            with self.store.locked():
                 yield
         else:
             with self.store.transaction():
@@ -694,13 +694,7 @@ class EvolveStore(BaseStore):
         # add_vectors replaces the vectors of the refs it writes; the others are dropped here.
         bare = [_ref_id(_prefix(p.ns), p.key) for p in puts if not p.texts]
         if bare:
-            conn.register("_lg_refs", pa.table({"ref_id": pa.array(bare, pa.string())}))
-            try:
-                conn.execute(
-                    "DELETE FROM vectors WHERE kind = ? AND ref_id IN (SELECT ref_id FROM _lg_refs)", [KIND]
-                )
-            finally:
-                conn.unregister("_lg_refs")
+            self.store.delete_vectors(KIND, bare)
         if dels:
             conn.execute(
                 f"DELETE FROM {TABLE} WHERE ref_id IN (SELECT unnest(?::VARCHAR[]))",
@@ -773,7 +767,7 @@ class EvolveStore(BaseStore):
             n += len({r[0] for r in rows})
         with self._session():
             # Items without text now (index=False, fields gone) drop their old-model vectors here.
-            self.store.conn.execute("DELETE FROM vectors WHERE kind = ? AND model <> ?", [KIND, name])
+            self.store.delete_vectors(KIND, other_than_model=name)
         self._model_checked = True
         return n
 

@@ -1,6 +1,18 @@
-"""Agent trajectories as chat transcripts: the assistant turns are where a loss will be taken.
+"""Agent trajectories as training chats, rendered by the policies' own prompt code.
 
-Observations, tool outputs and the system prompt are context only (masked by the trainer).
+One example per step: the messages of step k are *exactly* what the policy sent at step k
+(:func:`evolve.llm.prompts.step_messages`: same system prompt, history layout, state line, memory
+block and ranked admissible list), followed by the answer the policy format expects (a JSON
+``{"thought", "command"}`` for ``action_format="json"``, the bare command for ``"command"``).
+Only that last assistant turn is a training target; the history's assistant turns are context
+(the trainer masks everything but the last turn). Per-step examples are what makes the prompts
+identical: one multi-turn chat could not show each step's memory block and ranked action list,
+which exist only in that step's last user message.
+
+Privileged examples carry the *student* view in ``messages`` and the privileged block (gold
+actions, skills) in ``privileged_context``; the teacher view is
+``evolve.llm.prompts.add_privileged(messages, privileged_context)``, the same function the
+policy layout uses (OPSD / pi-Distill / Skill-SD).
 """
 
 from __future__ import annotations
@@ -8,63 +20,66 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from evolve.schema import ExampleKind, Privileged, Skill, TrainingExample, Trajectory
-
-SYSTEM = (
-    "You are an agent acting in a text environment. Each turn, answer with one command from the "
-    "admissible actions."
-)
+from evolve.llm.prompts import PromptOptions, answer_text, step_messages
+from evolve.schema import ExampleKind, Privileged, Skill, Step, TrainingExample, Trajectory
 
 
-def _user_turn(text: str, admissible: list[str] | None, goal: str | None = None) -> str:
-    parts = [f"Goal: {goal}"] if goal else []
-    parts.append(text.strip())
-    if admissible:
-        parts.append("Admissible actions: " + ", ".join(admissible[:60]))
-    return "\n".join(parts)
-
-
-def trajectory_messages(traj: Trajectory, context: str | None = None) -> list[dict[str, Any]]:
-    """System, then alternating user (observation) / assistant (action) turns."""
-    system = SYSTEM + (f"\n\n{context}" if context else "")
-    msgs: list[dict[str, Any]] = [{"role": "system", "content": system}]
-    for i, s in enumerate(traj.steps):
-        msgs.append(
-            {
-                "role": "user",
-                "content": _user_turn(
-                    s.pre_state.text, s.pre_state.admissible_actions, traj.goal if i == 0 else None
-                ),
-            }
-        )
-        msgs.append({"role": "assistant", "content": s.action.text})
+def step_example_messages(
+    traj: Trajectory, k: int, options: PromptOptions | None = None, privileged: str | None = None
+) -> list[dict[str, Any]]:
+    """The prompt of step ``k`` as the policy rendered it, plus the step's action as the answer."""
+    opts = options or PromptOptions()
+    msgs: list[dict[str, Any]] = list(step_messages(traj.goal, traj.steps, k, opts, privileged))
+    msgs.append({"role": "assistant", "content": answer_text(traj.steps[k].action, opts.action_format)})
     return msgs
 
 
-def sft_examples(trajs: Sequence[Trajectory], namespace: str | None = None) -> list[TrainingExample]:
-    """One SFT chat per successful trajectory, with blocked / failed-policy steps left out."""
+def _trainable(step: Step) -> bool:
+    """A step worth imitating: the policy acted (no error, no fallback failure) and it was not blocked."""
+    return bool(step.action.text) and not step.error and not step.post_state.info.get("guardrail_blocked")
+
+
+def sft_examples(
+    trajs: Sequence[Trajectory], namespace: str | None = None, options: PromptOptions | None = None
+) -> list[TrainingExample]:
+    """One SFT example per trainable step of each successful trajectory (blocked / failed steps skipped).
+
+    ``options`` must be the prompt options of the policy being trained (default: the JSON layout).
+    """
     out = []
     for t in trajs:
         if not t.success or not t.steps:
             continue
-        kept = t.model_copy(
-            update={
-                "steps": [
-                    s for s in t.steps if not s.error and not s.post_state.info.get("guardrail_blocked")
-                ]
-            }
-        )
-        out.append(
-            TrainingExample(
-                id=f"ex-sft-{t.id}",
-                namespace=namespace or t.namespace,
-                kind=ExampleKind.sft,
-                messages=trajectory_messages(kept),
-                provenance=[t.id],
-                metadata={"task_id": t.task_id, "env": t.env, "policy": t.policy, "steps": len(kept.steps)},
+        for k, step in enumerate(t.steps):
+            if not _trainable(step):
+                continue
+            out.append(
+                TrainingExample(
+                    id=f"ex-sft-{t.id}-{k}",
+                    namespace=namespace or t.namespace,
+                    kind=ExampleKind.sft,
+                    messages=step_example_messages(t, k, options),
+                    provenance=[t.id],
+                    metadata={
+                        "task_id": t.task_id,
+                        "env": t.env,
+                        "policy": t.policy,
+                        "step": k,
+                        "steps": len(t.steps),
+                    },
+                )
             )
-        )
     return out
+
+
+def privileged_context(privileged: Privileged | None, skills: Sequence[Skill] = ()) -> str:
+    """The privileged block's content: the reference solution and the skills ('' when neither)."""
+    parts = []
+    if privileged is not None and privileged.gold_actions:
+        parts.append("Reference solution: " + " -> ".join(privileged.gold_actions))
+    if skills:
+        parts.append("Skills:\n" + "\n".join(f"- {s.text()}" for s in skills))
+    return "\n".join(parts)
 
 
 def privileged_examples(
@@ -72,33 +87,32 @@ def privileged_examples(
     privileged: dict[str, Privileged] | None = None,
     skills: Sequence[Skill] = (),
     namespace: str | None = None,
+    options: PromptOptions | None = None,
 ) -> list[TrainingExample]:
-    """Student-view chats paired with a privileged context (gold actions, skills) for a teacher.
+    """Student-view examples, one per step, paired with a privileged context for a teacher.
 
-    The same model conditioned on the privileged context is the teacher (OPSD / pi-Distill / Skill-SD).
+    The same model conditioned on the privileged context is the teacher (OPSD / pi-Distill /
+    Skill-SD); it scores the step's answer in the view ``add_privileged(messages, privileged_context)``.
     """
-    skill_text = "\n".join(f"- {s.text()}" for s in skills)
     out = []
     for t in trajs:
         if not t.steps:
             continue
-        parts = []
-        p = (privileged or {}).get(t.task_id)
-        if p and p.gold_actions:
-            parts.append("Reference solution: " + " -> ".join(p.gold_actions))
-        if skill_text:
-            parts.append("Skills:\n" + skill_text)
-        if not parts:
+        context = privileged_context((privileged or {}).get(t.task_id), skills)
+        if not context:
             continue
-        out.append(
-            TrainingExample(
-                id=f"ex-priv-{t.id}",
-                namespace=namespace or t.namespace,
-                kind=ExampleKind.privileged,
-                messages=trajectory_messages(t),
-                privileged_context="\n".join(parts),
-                provenance=[t.id],
-                metadata={"task_id": t.task_id, "env": t.env, "success": t.success},
+        for k, step in enumerate(t.steps):
+            if not step.action.text:
+                continue
+            out.append(
+                TrainingExample(
+                    id=f"ex-priv-{t.id}-{k}",
+                    namespace=namespace or t.namespace,
+                    kind=ExampleKind.privileged,
+                    messages=step_example_messages(t, k, options),
+                    privileged_context=context,
+                    provenance=[t.id],
+                    metadata={"task_id": t.task_id, "env": t.env, "success": t.success, "step": k},
+                )
             )
-        )
     return out

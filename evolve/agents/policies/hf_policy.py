@@ -10,7 +10,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from evolve.agents.base import Decision
-from evolve.agents.policies.prompting import (
+from evolve.errors import LLMError, PolicyError
+from evolve.llm import hf
+from evolve.llm.prompts import (
     PromptOptions,
     build_messages,
     fallback_command,
@@ -18,36 +20,12 @@ from evolve.agents.policies.prompting import (
     repair_messages,
     select_actions,
 )
-from evolve.errors import PolicyError
 from evolve.schema import Action, ActionSource, MemoryContext, Observation, Privileged, Step, Task, TokenUsage
 
 log = logging.getLogger(__name__)
 
 HFMode = Literal["generate", "rank"]
 _SENTINEL = "\x00EVOLVE_ACTION\x00"
-
-
-def resolve_device(device: str = "auto") -> str:
-    """'auto' -> cuda when available, else cpu."""
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def resolve_dtype(dtype: str, device: str) -> Any:
-    """'auto' -> bfloat16 on a CUDA device that supports it, float32 otherwise (CPU bf16 is slow)."""
-    import torch
-
-    if dtype == "auto":
-        if device.startswith("cuda") and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float32
-    try:
-        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    except KeyError:
-        raise PolicyError(f"unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16") from None
 
 
 class HFPolicy:
@@ -97,40 +75,22 @@ class HFPolicy:
         self._goal = ""
         self._steps = 0
         if _model is not None:
+            # A live model (e.g. the student a trainer updates): used in place, never copied, and
+            # its train/eval mode is left as the caller set it (each call restores it).
             self.model, self.tokenizer = _model, _tokenizer
-            self.device = str(next(_model.parameters()).device)
+            self.device = str(hf.model_device(_model))
         else:
-            self.device = resolve_device(device)
-            self.model, self.tokenizer = self._load(dtype)
-        self.model.eval()
+            self.device = hf.resolve_device(device)
+            try:
+                self.model, self.tokenizer = hf.load_causal_lm(self.path, device=self.device, dtype=dtype)
+            except LLMError as e:
+                raise PolicyError(str(e)) from None
 
     @classmethod
     def from_model(cls, model: Any, tokenizer: Any, **kwargs: Any) -> HFPolicy:
-        """Wrap an already loaded model (e.g. the student a trainer is updating)."""
+        """Wrap an already loaded, live model (e.g. the student a trainer is updating)."""
         path = getattr(model, "name_or_path", "") or "in-memory"
         return cls(path, _model=model, _tokenizer=tokenizer, **kwargs)
-
-    def _load(self, dtype: str) -> tuple[Any, Any]:
-        p = Path(self.path).expanduser()
-        if not (p / "config.json").is_file():
-            raise PolicyError(
-                f"HF model path {self.path!r} is not a local model directory (no config.json); "
-                "point policy.path at a saved checkpoint"
-            )
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        try:
-            tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
-            model = AutoModelForCausalLM.from_pretrained(
-                str(p), dtype=resolve_dtype(dtype, self.device), local_files_only=True
-            )
-        except (OSError, ValueError) as e:
-            raise PolicyError(
-                f"could not load HF model from {self.path!r}: {' '.join(str(e).split())[:200]}"
-            ) from e
-        if tok.chat_template is None:
-            raise PolicyError(f"tokenizer at {self.path!r} has no chat template; HFPolicy needs a chat model")
-        return model.to(self.device), tok
 
     # ------------------------------------------------------------------ Policy protocol
 
@@ -141,58 +101,68 @@ class HFPolicy:
     def act(self, obs: Observation, history: list[Step], memory: MemoryContext) -> Decision:
         t0 = time.perf_counter()
         self._steps += 1
-        messages = build_messages(self._goal or obs.goal, obs, history, memory, self.prompt)
+        messages = self.messages(obs, history, memory)
+        gen: hf.Generation | None = None
         if self.mode == "rank" and obs.admissible_actions:
             action, usage, error = self._rank(messages, obs, history, memory)
         else:
-            action, usage, error = self._generate_action(messages, obs.admissible_actions)
+            action, usage, error, gen = self._generate_action(messages, obs.admissible_actions)
         self.total_usage = self.total_usage + usage
-        return Decision(action=action, usage=usage, latency_s=time.perf_counter() - t0, error=error)
+        return Decision(
+            action=action,
+            usage=usage,
+            latency_s=time.perf_counter() - t0,
+            error=error,
+            token_ids=gen.token_ids if gen is not None else None,
+            logprobs=gen.logprobs if gen is not None else None,
+            prompt_token_ids=gen.prompt_ids if gen is not None else None,
+        )
+
+    def messages(self, obs: Observation, history: list[Step], memory: MemoryContext) -> list[dict[str, str]]:
+        """The chat messages this policy renders for one step."""
+        return build_messages(self._goal or obs.goal, obs, history, memory, self.prompt)
 
     # ------------------------------------------------------------------ generate
 
     def _generate_action(
         self, messages: list[dict[str, str]], admissible: list[str] | None
-    ) -> tuple[Action, TokenUsage, str | None]:
-        raw, usage = self.generate(messages)
+    ) -> tuple[Action, TokenUsage, str | None, hf.Generation | None]:
+        """The action, its cost, the error if it fell back, and the generation that chose it."""
+        gen = self._generate_one(messages)
+        usage = self._usage(gen)
+        raw = gen.text
         parsed = parse_answer(raw, admissible)
         if parsed.command is None:
-            raw2, u = self.generate(repair_messages(messages, raw, parsed.problem or "invalid"))
-            usage = usage + u
-            retry = parse_answer(raw2, admissible)
+            gen2 = self._generate_one(repair_messages(messages, raw, parsed.problem or "invalid"))
+            usage = usage + self._usage(gen2)
+            retry = parse_answer(gen2.text, admissible)
             if retry.command is not None:
-                parsed, raw = retry, raw2
+                parsed, raw, gen = retry, gen2.text, gen2
         if parsed.command is None:
             action = Action(text=fallback_command(admissible), source=ActionSource.fallback, raw=raw)
-            return action, usage, f"invalid model output after retry: {parsed.problem}"
-        return Action(text=parsed.command, thought=parsed.thought, raw=raw), usage, None
+            return action, usage, f"invalid model output after retry: {parsed.problem}", None
+        return Action(text=parsed.command, thought=parsed.thought, raw=raw), usage, None, gen
+
+    @staticmethod
+    def _usage(gen: hf.Generation) -> TokenUsage:
+        return TokenUsage(prompt_tokens=len(gen.prompt_ids), completion_tokens=len(gen.token_ids))
+
+    def _generate_one(self, messages: list[dict[str, str]]) -> hf.Generation:
+        # Reproducible sampling per (seed, step) without depending on earlier calls.
+        seed = self.seed * 100_003 + self._steps if self.seed is not None else None
+        return hf.generate(
+            self.model,
+            self.tokenizer,
+            [messages],
+            max_new_tokens=self.max_tokens,
+            temperature=self.temperature,
+            seed=seed,
+        )[0]
 
     def generate(self, messages: list[dict[str, str]]) -> tuple[str, TokenUsage]:
         """The model's answer to chat messages, and the tokens it cost."""
-        import torch
-
-        enc = self.tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
-        ).to(self.device)
-        sample = self.temperature > 0
-        kwargs: dict[str, Any] = {"max_new_tokens": self.max_tokens, "do_sample": sample}
-        if sample:
-            kwargs["temperature"] = self.temperature
-            if self.seed is not None:
-                # Reproducible sampling per (seed, step) without depending on earlier calls.
-                torch.manual_seed(self.seed * 100_003 + self._steps)
-        else:
-            # Greedy: clear sampling knobs a checkpoint's generation_config may carry.
-            kwargs.update(temperature=None, top_p=None, top_k=None)
-        pad = self.tokenizer.pad_token_id
-        if pad is None:
-            pad = self.tokenizer.eos_token_id
-        with torch.inference_mode():
-            out = self.model.generate(**enc, pad_token_id=pad, **kwargs)
-        n_prompt = enc["input_ids"].shape[1]
-        new = out[0, n_prompt:]
-        text = self.tokenizer.decode(new, skip_special_tokens=True)
-        return text, TokenUsage(prompt_tokens=int(n_prompt), completion_tokens=int(new.shape[0]))
+        gen = self._generate_one(messages)
+        return gen.text, self._usage(gen)
 
     # ------------------------------------------------------------------ rank
 
@@ -232,7 +202,6 @@ class HFPolicy:
         self, messages: list[dict[str, str]], candidates: list[str]
     ) -> tuple[list[float], TokenUsage]:
         """Log-probability (mean or sum over tokens) of each candidate as the assistant's reply."""
-        import torch
 
         prompt, pre, post = self._continuation_parts(messages)
         tok = self.tokenizer
@@ -240,7 +209,7 @@ class HFPolicy:
         cand_ids = [tok(pre + c + post, add_special_tokens=False)["input_ids"] for c in candidates]
         n_prompt = prompt_ids.shape[1]
         usage = TokenUsage(prompt_tokens=int(n_prompt + sum(len(c) for c in cand_ids)))
-        with torch.inference_mode():
+        with hf.eval_mode(self.model):
             out = self.model(input_ids=prompt_ids, use_cache=True)
             first_logits = out.logits[:, -1:, :]
             cache = out.past_key_values

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from evolve.agents.base import Decision
-from evolve.agents.policies.prompting import fallback_command, normalise
+from evolve.llm.prompts import fallback_command
 from evolve.schema import Action, ActionSource, MemoryContext, Observation, Privileged, Step, Task
+from evolve.text import normalise_command as normalise
 
 
 class OraclePolicy:

@@ -6,7 +6,7 @@ import random
 import re
 
 from evolve.agents.base import Decision
-from evolve.agents.policies.prompting import fallback_command
+from evolve.llm.prompts import fallback_command
 from evolve.schema import Action, ActionSource, MemoryContext, Observation, Privileged, Step, Task
 
 # Actions that only re-describe the world; skipped when ``avoid_noops`` is set.

@@ -1,4 +1,9 @@
-"""The prompt layout shared by LLM policies, and the parsing of their answers.
+"""The one chat layout of evolve, and the parsing of answers to it.
+
+Used by the LLM policies at act time, by synth to render training examples, and by the trainer
+to render a teacher's view: a training example for step k is *byte for byte* the messages the
+policy sent at step k (:func:`step_messages`), plus the answer in the policy's format
+(:func:`answer_text`).
 
 Layout (a list of chat dicts)::
 
@@ -9,13 +14,18 @@ Layout (a list of chat dicts)::
     ...                                                            <- grows turn by turn
     [assistant] command t
     [user]      observation after command t
-                + state line + memory block + admissible actions   <- the only part that changes
+                + state line + memory block (+ privileged block)
+                + admissible actions + answer format               <- the only part that changes
 
 Everything before the last user message is identical from one step to the next, so an
 inference server's prompt (KV) cache is reused across the whole episode. The last user message
 even starts with the same text its plain history form will have at the next step. Old turns
 are dropped only when the history gets long, and then in chunks, so the prefix stays stable for
 many steps after each cut.
+
+A prompt depends only on what a trajectory records: the goal, the steps before k (actions and
+observations), step k's pre-state and the memory block shown (``Step.memory_prompt``); the
+ranking of a long admissible list reads the skills from that block, not from live objects.
 """
 
 from __future__ import annotations
@@ -27,7 +37,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from evolve.schema import EnvState, MemoryContext, Observation, Step
+from evolve.schema import Action, EnvState, MemoryContext, Observation, Step
+from evolve.text import clip, extract_json_object, normalise_command, tokenize
 
 ActionFormat = Literal["json", "command"]
 
@@ -45,12 +56,16 @@ JSON_FORMAT = (
 COMMAND_FORMAT = (
     "Answer with the command only, exactly as written in the list of admissible actions, with no explanation."
 )
+PRIVILEGED_OPEN = "<privileged>"
+PRIVILEGED_CLOSE = "</privileged>"
+PRIVILEGED_TITLE = "Privileged information (reference knowledge; use it to choose the best command):"
 
-_WORD = re.compile(r"[a-z0-9]+")
-# Words that carry no signal when ranking actions against the goal / observation.
-_STOPWORDS = frozenset(
-    {"a", "an", "the", "to", "of", "in", "on", "at", "and", "or", "is", "are", "be", "you", "your"}
-    | {"it", "its", "this", "that", "with", "for", "from", "into", "onto", "there", "here"}
+# The section titles of ``MemoryContext.prompt_text``: the skills section is the ranking context.
+_SKILLS_TITLE = "Skills that worked before in similar states:"
+_OTHER_TITLES = (
+    "Rules learned from past failures",
+    "Excerpts of past episodes:",
+    "Notes:",
 )
 
 
@@ -71,19 +86,8 @@ class PromptOptions:
 
 
 def words(text: str) -> set[str]:
-    """Lower-cased content words of a text."""
-    return {w for w in _WORD.findall(text.lower()) if w not in _STOPWORDS}
-
-
-def _content_words(text: str) -> list[str]:
-    return [w for w in _WORD.findall(text.lower()) if w not in _STOPWORDS]
-
-
-def clip(text: str, limit: int) -> str:
-    text = text.strip()
-    if len(text) <= limit:
-        return text
-    return text[: max(0, limit - 15)].rstrip() + " ...[clipped]"
+    """The set of lower-cased content words of a text (stop words dropped)."""
+    return set(tokenize(text))
 
 
 def select_actions(
@@ -118,6 +122,25 @@ def select_actions(
     return [a for _, a in ranked[:cap]]
 
 
+def skills_text(memory_prompt: str) -> str:
+    """The skills section of a memory block (what ranks a long admissible list), '' when none."""
+    if _SKILLS_TITLE not in memory_prompt:
+        return ""
+    section = memory_prompt.split(_SKILLS_TITLE, 1)[1]
+    for title in _OTHER_TITLES:
+        section = section.split("\n" + title, 1)[0]
+    return section.strip()
+
+
+def memory_prompt_of(memory: MemoryContext | str | None) -> str:
+    """The memory block shown to the model: ``memory.prompt_text()``, or the recorded string itself."""
+    if memory is None:
+        return ""
+    if isinstance(memory, str):
+        return memory
+    return memory.prompt_text()
+
+
 def state_line(state: EnvState) -> str:
     """One compact line: location, inventory, score."""
     parts: list[str] = []
@@ -138,9 +161,12 @@ def _plain(text: str, limit: int) -> str:
     return clip(text, limit) or "(no output)"
 
 
+def format_instruction(action_format: ActionFormat = "json") -> str:
+    return JSON_FORMAT if action_format == "json" else COMMAND_FORMAT
+
+
 def system_message(action_format: ActionFormat = "json") -> dict[str, str]:
-    fmt = JSON_FORMAT if action_format == "json" else COMMAND_FORMAT
-    return {"role": "system", "content": f"{SYSTEM_INSTRUCTIONS}\n\n{fmt}"}
+    return {"role": "system", "content": f"{SYSTEM_INSTRUCTIONS}\n\n{format_instruction(action_format)}"}
 
 
 def _history_start(history: Sequence[Step], opts: PromptOptions) -> int:
@@ -174,14 +200,44 @@ def summarise_steps(steps: Sequence[Step], limit: int = 400) -> str:
     return f"Earlier steps 1-{len(steps)} (summarised): {text}. Score then: {last.score:g}."
 
 
+def privileged_block(context: str) -> str:
+    """The delimited block a privileged teacher sees (gold actions, skills) and the student does not."""
+    return f"{PRIVILEGED_TITLE}\n{PRIVILEGED_OPEN}\n{context.strip()}\n{PRIVILEGED_CLOSE}"
+
+
+def add_privileged(messages: Sequence[dict[str, Any]], context: str | None) -> list[dict[str, Any]]:
+    """The teacher view of a student prompt: the privileged block inserted in the last user message.
+
+    It goes right before the closing answer-format line, so ``add_privileged(build_messages(...), c)
+    == build_messages(..., privileged=c)``: the trainer renders a teacher view from a stored
+    student-view example (``TrainingExample.messages`` + ``privileged_context``) with this.
+    """
+    out = [dict(m) for m in messages]
+    if not context or not context.strip():
+        return out
+    i = max(j for j, m in enumerate(out) if m["role"] == "user")
+    body, sep, fmt = out[i]["content"].rpartition("\n\n")
+    if not sep:  # no format line to keep last: append
+        body, fmt = out[i]["content"], ""
+    parts = [body, privileged_block(context)] + ([fmt] if fmt else [])
+    out[i] = {**out[i], "content": "\n\n".join(parts)}
+    return out
+
+
 def build_messages(
     goal: str,
     obs: Observation,
     history: Sequence[Step],
-    memory: MemoryContext | None = None,
+    memory: MemoryContext | str | None = None,
     options: PromptOptions | None = None,
+    privileged: str | None = None,
 ) -> list[dict[str, str]]:
-    """The chat messages for one step (see the module docstring for the layout)."""
+    """The chat messages for one step (see the module docstring for the layout).
+
+    ``memory`` is the live :class:`MemoryContext` or the memory block as recorded on a step
+    (``Step.memory_prompt``); both render identically. ``privileged`` (gold actions, skills)
+    adds the teacher's block (:func:`add_privileged`).
+    """
     opts = options or PromptOptions()
     goal = goal or obs.goal
     first_obs = history[0].pre_state.text if history else obs.text
@@ -207,23 +263,41 @@ def build_messages(
     else:  # the caller shows something else than the last step's result: keep both
         current = last + "\n\n" + _plain(obs.text, opts.max_current_obs_chars)
     block = [current, "", f"State: {state_line(obs.state)}"]
-    mem = memory.prompt_text() if memory is not None else ""
+    mem = memory_prompt_of(memory)
     if mem:
         block += ["", mem]
     if obs.admissible_actions:
         recent = [s.action.text for s in history[-3:]]
-        skill_text = " ".join(s.text() for s in memory.skills) if memory is not None else ""
         shown = select_actions(
-            obs.admissible_actions, goal, obs.text, skill_text, cap=opts.max_actions, recent=recent
+            obs.admissible_actions, goal, obs.text, skills_text(mem), cap=opts.max_actions, recent=recent
         )
         total = len(set(obs.admissible_actions))
         title = "Admissible actions"
         if len(shown) < total:
             title += f" ({len(shown)} most relevant of {total}; any admissible command is accepted)"
         block += ["", title + ":", "\n".join(f"- {a}" for a in shown)]
-    block += ["", JSON_FORMAT if opts.action_format == "json" else COMMAND_FORMAT]
+    block += ["", format_instruction(opts.action_format)]
     messages.append({"role": "user", "content": "\n".join(block)})
-    return messages
+    return add_privileged(messages, privileged) if privileged else messages
+
+
+def step_messages(
+    goal: str,
+    steps: Sequence[Step],
+    k: int,
+    options: PromptOptions | None = None,
+    privileged: str | None = None,
+) -> list[dict[str, str]]:
+    """The messages a policy sent at step ``k`` of a recorded trajectory (rebuilt from the record)."""
+    step = steps[k]
+    return build_messages(goal, step.pre_state, steps[:k], step.memory_prompt, options, privileged)
+
+
+def answer_text(action: Action, action_format: ActionFormat = "json") -> str:
+    """The assistant answer for ``action`` as the policy's format asks for it (the SFT target)."""
+    if action_format == "json":
+        return json.dumps({"thought": action.thought, "command": action.text}, ensure_ascii=False)
+    return action.text
 
 
 def repair_messages(messages: list[dict[str, str]], raw: str, problem: str) -> list[dict[str, str]]:
@@ -255,25 +329,6 @@ def action_schema(admissible: Sequence[str] | None, enum_limit: int = 150) -> di
     }
 
 
-def extract_json_object(text: str) -> dict[str, Any] | None:
-    """The first JSON object in a text (code fences and chatter around it are ignored)."""
-    decoder = json.JSONDecoder()
-    for m in re.finditer(r"\{", text):
-        try:
-            obj, _ = decoder.raw_decode(text, m.start())
-        except json.JSONDecodeError:
-            continue
-        if isinstance(obj, dict):
-            return obj
-    return None
-
-
-def normalise(text: str) -> str:
-    text = text.strip().strip("\"'`").strip()
-    text = re.sub(r"\s+", " ", text.lower())
-    return text.rstrip(".!;:,")
-
-
 def match_action(command: str, admissible: Sequence[str], threshold: float = 0.6) -> str | None:
     """The admissible action meant by ``command``: exact, then normalised, then the closest above threshold.
 
@@ -284,10 +339,10 @@ def match_action(command: str, admissible: Sequence[str], threshold: float = 0.6
         return None
     if command in admissible:
         return command
-    norm = normalise(command)
+    norm = normalise_command(command)
     by_norm: dict[str, str] = {}
     for a in admissible:
-        by_norm.setdefault(normalise(a), a)
+        by_norm.setdefault(normalise_command(a), a)
     if norm in by_norm:
         return by_norm[norm]
     cw = words(norm)
@@ -343,9 +398,9 @@ def parse_answer(text: str, admissible: Sequence[str] | None, threshold: float =
             return ParsedAnswer(command=hit, thought=thought)
     # Last repair: an admissible action named in the text ("I will OPEN THE FRIDGE"): its content
     # words appear in order and contiguously among the text's; the longest such action wins.
-    text_words = _content_words(raw)
+    text_words = tokenize(raw)
     for a in sorted(set(admissible), key=len, reverse=True):
-        aw = _content_words(a)
+        aw = tokenize(a)
         if aw and any(text_words[i : i + len(aw)] == aw for i in range(len(text_words) - len(aw) + 1)):
             return ParsedAnswer(command=a, thought=thought)
     if obj is None and not candidates:
