@@ -42,8 +42,7 @@ from typing import Any
 
 from rich.console import Console
 
-from evolve.agents.collect import EnvSpec
-from evolve.agents.specs import PolicySpec
+from evolve.envs import build_env
 from evolve.eval import (
     AdaptPoint,
     Episodes,
@@ -62,6 +61,7 @@ from evolve.eval import (
 from evolve.pipeline import memory_for
 from evolve.schema import Guardrail, Knowledge, KnowledgeStatus, Skill, Task, Trajectory
 from evolve.skills import MemoryConfig, distill_knowledge, knowledge_of, run_probation
+from evolve.specs import EnvSpec, PolicySpec
 from evolve.stores import ExperienceStore, make_embedder
 
 ARMS = ("no_memory", "raw_retrieval", "evolve")
@@ -176,7 +176,7 @@ def _round_robin(tasks: list[Task], n: int) -> list[Task]:
 
 
 def split_tasks(args: argparse.Namespace, spec: EnvSpec) -> dict[str, list[Task]]:
-    env = spec.make()
+    env = build_env(spec)
     try:
         out = {
             "train": _round_robin(env.tasks("train"), args.n_train),

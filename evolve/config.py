@@ -10,8 +10,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from evolve.agents.specs import PolicySpec
 from evolve.errors import ConfigError
+from evolve.specs import PolicySpec
 
 STAGES = ("collect", "diagnose", "distill", "synth", "train", "eval")
 ARMS = ("no_memory", "raw_retrieval", "evolve", "oracle")

@@ -16,11 +16,12 @@ from typing import Any
 
 from rich.console import Console
 
-from evolve.agents.collect import EnvSpec
 from evolve.config import JobConfig
+from evolve.envs import build_env
 from evolve.errors import ConfigError
 from evolve.eval import Episodes, Memory, ProbationRunner, record_usage, task_ids
 from evolve.schema import Knowledge, Outcome, Split, Trajectory
+from evolve.specs import EnvSpec
 from evolve.stores import ExperienceStore, make_embedder
 
 log = logging.getLogger("evolve.pipeline")
@@ -197,7 +198,7 @@ def stage_synth(ctx: Ctx) -> dict[str, Any]:
 
 
 def _privileged(ctx: Ctx, trajs: list[Trajectory]) -> dict[str, Any]:
-    env = ctx.env_spec.make()
+    env = build_env(ctx.env_spec)
     out = {}
     try:
         for tid in sorted({t.task_id for t in trajs if not t.success}):

@@ -9,7 +9,6 @@ import pytest
 
 from evolve.agents.base import NoHooks
 from evolve.agents.collect import (
-    EnvSpec,
     WorkerSettings,
     WorkerSpec,
     collect,
@@ -17,11 +16,11 @@ from evolve.agents.collect import (
     plan_episodes,
     run_missing,
 )
-from evolve.agents.specs import PolicySpec
 from evolve.envs import register_env
 from evolve.envs.textworld_env import TextWorldEnv
 from evolve.errors import ConfigError, EnvCrashed
 from evolve.schema import Outcome
+from evolve.specs import EnvSpec, PolicySpec
 from evolve.stores import ExperienceStore
 
 TW = {"name": "textworld", "n_train": 4}

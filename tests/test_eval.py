@@ -14,10 +14,10 @@ import yaml
 from typer.testing import CliRunner
 
 from evolve.agents.base import NoHooks
-from evolve.agents.collect import EnvSpec
 from evolve.cli import app
 from evolve.eval import Episodes, Memory, adapt, bootstrap, compare, record_usage, task_ids
 from evolve.schema import Outcome, Skill, Trajectory
+from evolve.specs import EnvSpec
 from evolve.stores import ExperienceStore
 
 EVAL = Path(__file__).resolve().parents[1] / "evolve" / "eval"

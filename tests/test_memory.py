@@ -312,7 +312,7 @@ def test_textworld_held_out_games_random_plus_memory_beats_random() -> None:
     """Knowledge from oracle demos on 5 train games; random policy on 3 unseen games, same seeds."""
     pytest.importorskip("textworld")
     from evolve.agents.graph import run_episode
-    from evolve.agents.specs import make_policy
+    from evolve.agents.policies import make_policy
     from evolve.envs import make_env
 
     env = make_env("textworld", n_train=5, n_dev=0, n_test=3)

@@ -18,8 +18,8 @@ import pytest
 from conftest import ChatPeer
 
 from evolve.agents.base import Decision, Policy
+from evolve.agents.policies import make_policy
 from evolve.agents.policies.openai_policy import OpenAIPolicy
-from evolve.agents.specs import make_policy
 from evolve.errors import PolicyError
 from evolve.schema import ActionSource, EnvState, MemoryContext, Observation, Task
 

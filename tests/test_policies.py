@@ -11,8 +11,7 @@ import pytest
 from conftest import ChatPeer
 
 from evolve.agents.base import Decision, Policy
-from evolve.agents.policies import OraclePolicy, RandomPolicy
-from evolve.agents.specs import POLICY_KINDS, PolicySpec, make_policy
+from evolve.agents.policies import POLICY_KINDS, OraclePolicy, PolicySpec, RandomPolicy, make_policy
 from evolve.errors import ConfigError, PolicyError
 from evolve.llm.prompts import (
     PromptOptions,

@@ -19,7 +19,6 @@ filled in) and the parent writes them with ``store.log_retrievals``.
 
 from __future__ import annotations
 
-import importlib
 import logging
 import multiprocessing as mp
 import os
@@ -34,58 +33,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-
 from evolve.agents.base import AgentHooks, NoHooks
 from evolve.agents.graph import error_diagnosis, run_episode
+from evolve.agents.policies import make_policy
 from evolve.agents.recorder import Recorder
-from evolve.agents.specs import PolicySpec, make_policy
-from evolve.envs import make_env
+from evolve.envs import build_env
 from evolve.envs.base import Env
 from evolve.errors import ConfigError, EnvCrashed, EvolveError
 from evolve.schema import FailureCause, Outcome, RetrievalLog, Split, Task, Trajectory, new_id
+from evolve.specs import EnvSpec, PolicySpec
 from evolve.stores import ExperienceStore
 
 log = logging.getLogger(__name__)
 
 RAY_MISSING = "ray is not installed; install it with: pip install 'evolve-agents[ray]'"
-
-
-class EnvSpec(BaseModel):
-    """Which env to build and with which adapter keyword arguments (picklable, YAML-friendly)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    name: str
-    kwargs: dict[str, Any] = Field(default_factory=dict)
-
-    @classmethod
-    def parse(cls, spec: EnvSpec | str | dict[str, Any]) -> EnvSpec:
-        """``"textworld"``, ``{"name": ..., "kwargs": {...}}`` or ``{"name": ..., **kwargs}``."""
-        if isinstance(spec, EnvSpec):
-            return spec
-        if isinstance(spec, str):
-            return cls(name=spec)
-        if not isinstance(spec, dict) or "name" not in spec:
-            raise ConfigError(f"an env spec is a name or a mapping with 'name', got {spec!r}")
-        if "kwargs" not in spec:
-            spec = {"name": spec["name"], "kwargs": {k: v for k, v in spec.items() if k != "name"}}
-        try:
-            return cls.model_validate(spec)
-        except ValidationError as e:
-            raise ConfigError(f"invalid env spec: {e.errors()[0]['msg']}") from None
-
-    def make(self) -> Env:
-        """Build the env: a registered name, or ``"package.module:Factory"`` for an unregistered one
-        (what worker processes can import even when the parent registered nothing)."""
-        if ":" in self.name:
-            module, _, attr = self.name.partition(":")
-            try:
-                factory = getattr(importlib.import_module(module), attr)
-            except (ImportError, AttributeError) as e:
-                raise ConfigError(f"env {self.name!r} cannot be imported: {e}") from None
-            return factory(**self.kwargs)
-        return make_env(self.name, **self.kwargs)
 
 
 @dataclass(frozen=True)
@@ -198,7 +159,7 @@ class EpisodeWorker:
         env: Env | None = None,
     ) -> None:
         self.env_spec = env_spec
-        self.env = env if env is not None else env_spec.make()
+        self.env = env if env is not None else build_env(env_spec)
         self.policy = make_policy(policy_spec)
         self.hooks = hooks_factory() if hooks_factory is not None else NoHooks()
         self.settings = settings
@@ -215,7 +176,7 @@ class EpisodeWorker:
             self.env.close()
         except Exception:  # noqa: BLE001 - the old engine is broken; closing it is best effort
             pass
-        self.env = self.env_spec.make()
+        self.env = build_env(self.env_spec)
         self.restarts += 1
 
     def run(self, job: EpisodeJob) -> tuple[int, Trajectory, list[RetrievalLog]]:

@@ -11,7 +11,8 @@ from collections.abc import Callable
 from typing import Any
 
 from evolve.envs.base import Env
-from evolve.errors import UnknownEnvError
+from evolve.errors import ConfigError, UnknownEnvError
+from evolve.specs import EnvSpec
 
 # name -> "module:attribute" of a class (or factory) taking keyword arguments.
 _REGISTRY: dict[str, str | Callable[..., Env]] = {
@@ -49,4 +50,18 @@ def make_env(name: str, **kwargs: Any) -> Env:
     return env_factory(name)(**kwargs)
 
 
-__all__ = ["Env", "available_envs", "env_factory", "make_env", "register_env"]
+def build_env(spec: EnvSpec | str | dict[str, Any]) -> Env:
+    """Build the env a spec names: a registered name, or ``"package.module:Factory"`` for an
+    unregistered one (what worker processes can import even when the parent registered nothing)."""
+    spec = EnvSpec.parse(spec)
+    if ":" in spec.name:
+        module, _, attr = spec.name.partition(":")
+        try:
+            factory = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as e:
+            raise ConfigError(f"env {spec.name!r} cannot be imported: {e}") from None
+        return factory(**spec.kwargs)
+    return make_env(spec.name, **spec.kwargs)
+
+
+__all__ = ["Env", "EnvSpec", "available_envs", "build_env", "env_factory", "make_env", "register_env"]

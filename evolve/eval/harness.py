@@ -15,12 +15,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from evolve.agents.base import AgentHooks
-from evolve.agents.collect import EnvSpec, run_missing
-from evolve.agents.specs import PolicySpec
+from evolve.agents.collect import run_missing
+from evolve.envs import build_env
 from evolve.errors import ConfigError
 from evolve.eval.metrics import Comparison, bootstrap, compare
 from evolve.eval.report import CurvePoint
 from evolve.schema import Knowledge, Split, Task, Trajectory
+from evolve.specs import EnvSpec, PolicySpec
 from evolve.stores import ExperienceStore
 
 HooksFactory = Callable[[], AgentHooks]
@@ -110,7 +111,7 @@ class Episodes:
 
 def task_ids(env: EnvSpec, split: Split | str, limit: int | None = None) -> list[str]:
     """The ids of ``env``'s tasks in ``split``, the first ``limit`` of them (a clear error if none)."""
-    e = env.make()
+    e = build_env(env)
     try:
         ids = [t.id for t in e.tasks(Split(split))]
     finally:

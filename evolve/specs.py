@@ -1,7 +1,8 @@
-"""``PolicySpec``: a picklable description of a policy, and ``make_policy`` to build one from it.
+"""Specs: picklable, YAML-friendly descriptions of what to build (an env, a policy).
 
-Worker processes receive the spec (never a live policy, which may hold a model or a client)
-and build their own policy with :func:`make_policy`.
+The leaf that config, agents, eval and the recipes all import. Worker processes receive specs
+(never a live env or policy, which may hold a JVM, a model or a client) and build their own with
+:func:`evolve.envs.build_env` and :func:`evolve.agents.policies.make_policy`.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from pydantic import (
     model_validator,
 )
 
-from evolve.agents.base import Policy
 from evolve.errors import ConfigError
 
 POLICY_KINDS: tuple[str, ...] = ("openai", "hf", "oracle", "random")
@@ -112,51 +112,26 @@ def _one_line(e: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def make_policy(spec: PolicySpec | dict[str, Any]) -> Policy:
-    """Build the policy a spec describes (heavy libraries are imported only for their kind)."""
-    s = PolicySpec.parse(spec)
-    if s.kind == "oracle":
-        from evolve.agents.policies.oracle import OraclePolicy
+class EnvSpec(BaseModel):
+    """Which env to build and with which adapter keyword arguments (picklable, YAML-friendly)."""
 
-        return OraclePolicy(name=s.name or "oracle")
-    if s.kind == "random":
-        from evolve.agents.policies.random_policy import RandomPolicy
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
-        return RandomPolicy(seed=s.seed or 0, avoid_noops=s.avoid_noops, name=s.name or "random")
-    from evolve.llm.prompts import PromptOptions
+    name: str
+    kwargs: dict[str, Any] = Field(default_factory=dict)
 
-    if s.kind == "openai":
-        from evolve.agents.policies.openai_policy import OpenAIPolicy
-
-        return OpenAIPolicy(
-            s.model or "",
-            base_url=s.base_url,
-            api_key_env=s.api_key_env,
-            temperature=s.temperature,
-            max_tokens=s.max_tokens,
-            seed=s.seed,
-            response_format=s.response_format,
-            max_retries=s.max_retries,
-            timeout_s=s.timeout_s,
-            cost_per_1k_prompt=s.cost_per_1k_prompt,
-            cost_per_1k_completion=s.cost_per_1k_completion,
-            extra_body=dict(s.extra_body),
-            prompt=PromptOptions(max_actions=s.max_actions, max_turns=s.max_turns),
-            name=s.name,
-        )
-    from evolve.agents.policies.hf_policy import HFPolicy
-
-    fmt = "command" if s.mode == "rank" else "json"
-    return HFPolicy(
-        s.path or "",
-        mode=s.mode,
-        device=s.device,
-        dtype=s.dtype,
-        temperature=s.temperature,
-        max_tokens=s.max_tokens,
-        seed=s.seed,
-        rank_reduction=s.rank_reduction,
-        max_candidates=s.max_actions,
-        prompt=PromptOptions(max_actions=s.max_actions, max_turns=s.max_turns, action_format=fmt),
-        name=s.name,
-    )
+    @classmethod
+    def parse(cls, spec: EnvSpec | str | dict[str, Any]) -> EnvSpec:
+        """``"textworld"``, ``{"name": ..., "kwargs": {...}}`` or ``{"name": ..., **kwargs}``."""
+        if isinstance(spec, EnvSpec):
+            return spec
+        if isinstance(spec, str):
+            return cls(name=spec)
+        if not isinstance(spec, dict) or "name" not in spec:
+            raise ConfigError(f"an env spec is a name or a mapping with 'name', got {spec!r}")
+        if "kwargs" not in spec:
+            spec = {"name": spec["name"], "kwargs": {k: v for k, v in spec.items() if k != "name"}}
+        try:
+            return cls.model_validate(spec)
+        except ValidationError as e:
+            raise ConfigError(f"invalid env spec: {e.errors()[0]['msg']}") from None
