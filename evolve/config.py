@@ -69,8 +69,90 @@ class SynthStage(_Cfg):
     kinds: list[Literal["sft", "privileged"]] = Field(default_factory=lambda: ["sft"])
 
 
+class LoraConfig(_Cfg):
+    """LoRA adapters (``lora: {}`` = the trainer's defaults); unset fields take the trainer's."""
+
+    r: int | None = Field(None, gt=0)
+    alpha: float | None = Field(None, gt=0)
+    dropout: float | None = Field(None, ge=0, lt=1)
+    target_modules: list[str] | str | None = None
+    """Module names, or ``all-linear``."""
+
+
+class TrainProbation(_Cfg):
+    """Probation for weights: the trained student replaces the run's student only if it beats it
+    on these tasks and seeds (paired: the same episodes for both)."""
+
+    enabled: bool = True
+    split: Literal["train", "dev", "test"] = "dev"
+    episodes: int | None = None
+    """None = every task of the split."""
+    seeds: list[int] = Field(default_factory=lambda: [0])
+    max_steps: int | None = Field(None, gt=0)
+    """None = stages.eval.max_steps (else stages.collect.max_steps, else 40)."""
+
+
 class TrainStage(_Cfg):
-    method: str = "sft"
+    """Train a student on the store's examples (``evolve.train``). Fields left unset take the
+    trainer's defaults (``evolve.train.trainer.TrainConfig``)."""
+
+    method: Literal["sft", "distill"] = "sft"
+    policy: str = "student"
+    """The key of ``policies`` this training may replace (the run's current student)."""
+    student: str | None = None
+    """The model to train: a local model directory or ``.gguf`` file. None = the ``path`` of
+    ``policies[policy]`` (which must then be an ``hf`` policy)."""
+    teacher: str | None = None
+    """``distill``: a local HF model directory with the student's tokenizer."""
+    loss: str | None = None
+    """A name of ``evolve.train.losses.LOSSES`` (ce, forward_kl, reverse_kl, jsd, taid, ...)."""
+    loss_args: dict[str, Any] | None = None
+    """Keyword arguments of the loss, e.g. ``{beta: 0.5}`` for jsd."""
+    kinds: list[Literal["sft", "privileged"]] = Field(default_factory=lambda: ["sft"])
+    """Which stored example kinds (of the job's namespace) to train on."""
+    output_dir: str = "train"
+    """Where checkpoints go; relative paths are under the run dir. Each training data + settings
+    gets its own subdirectory (a rerun after a crash resumes there)."""
+    lora: LoraConfig | None = Field(default_factory=LoraConfig)
+    """LoRA adapters (the default); ``lora: null`` = full fine-tuning."""
+    lr: float | None = Field(None, gt=0)
+    weight_decay: float | None = Field(None, ge=0)
+    warmup_ratio: float | None = Field(None, ge=0, lt=1)
+    schedule: Literal["cosine", "linear", "constant"] | None = None
+    epochs: float | None = Field(None, gt=0)
+    max_steps: int | None = Field(None, gt=0)
+    max_tokens_per_batch: int | None = Field(None, gt=0)
+    grad_accum: int | None = Field(None, gt=0)
+    max_length: int | None = Field(None, gt=1)
+    pack: bool | None = None
+    gradient_checkpointing: bool | None = None
+    dtype: Literal["auto", "float32", "bfloat16"] | None = None
+    seed: int | None = None
+    eval_ratio: float | None = Field(None, ge=0, lt=1)
+    eval_every: int | None = Field(None, gt=0)
+    save_every: int | None = Field(None, gt=0)
+    chunk_size: int | None = Field(None, gt=0)
+    train_on: Literal["last", "all"] | None = None
+    max_grad_norm: float | None = Field(None, gt=0)
+    probation: TrainProbation = Field(default_factory=TrainProbation)
+
+    @model_validator(mode="after")
+    def _method(self) -> TrainStage:
+        if self.method == "distill" and not self.teacher:
+            raise ValueError(
+                "method 'distill' needs 'teacher' (a local HF model directory with the student's tokenizer)"
+            )
+        if not self.kinds:
+            raise ValueError("kinds is empty; list the example kinds to train on (sft, privileged)")
+        return self
+
+    def trainer_fields(self) -> dict[str, Any]:
+        """The fields that go to ``TrainConfig`` as they are (unset ones left to its defaults)."""
+        own = {"policy", "student", "kinds", "output_dir", "probation"}
+        out = self.model_dump(exclude_none=True, exclude=own)
+        if self.lora is None:
+            out["lora"] = None  # full fine-tuning, said explicitly
+        return out
 
 
 class EvalStage(_Cfg):
@@ -84,6 +166,10 @@ class EvalStage(_Cfg):
     learning_curve: list[int] = Field(default_factory=list)
     """Numbers of train episodes to distill from for the learning curve (empty = none)."""
     bootstrap: int = 2000
+    trained: Literal["latest", "active", "none"] = "latest"
+    """When the run trained a checkpoint of ``policy``: run the arms again with it ("after
+    training") beside the configured student ("before"): the run's latest checkpoint, only an
+    active one (one that passed probation), or none."""
 
     @field_validator("arms")
     @classmethod
@@ -129,6 +215,14 @@ class JobConfig(_Cfg):
             if key not in self.policies:
                 known = ", ".join(self.policies) or "none defined"
                 raise ValueError(f"{where} = '{key}' is not a key of 'policies' ({known})")
+        tr = self.stages.train
+        if tr is not None and not tr.student:
+            base = self.policies.get(tr.policy)
+            if base is None or base.kind != "hf" or not base.path:
+                raise ValueError(
+                    "stages.train.student is missing: set it to a local model directory or .gguf file "
+                    f"(or make policies.{tr.policy} an 'hf' policy with a path)"
+                )
         return self
 
     @property
@@ -148,6 +242,8 @@ def _fmt_error(e: ValidationError, source: str) -> str:
         msg = "unknown field (check the spelling; see examples/quickstart.yaml for the allowed fields)"
     elif err["type"] == "literal_error":
         msg = f"{msg} (got {err.get('input')!r})"
+    if not err["loc"] and re.match(r"[a-z_]+(\.[A-Za-z0-9_]+)+ ", msg):
+        return f"{source}: {msg}"  # a cross-field check names its field itself
     return f"{source}: {loc}: {msg}"
 
 

@@ -9,19 +9,24 @@ eval, skips finished episodes: nothing is lost and nothing is recorded twice.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
 from rich.console import Console
 
-from evolve.config import JobConfig
+from evolve.config import JobConfig, TrainStage
 from evolve.envs import build_env
 from evolve.errors import ConfigError
 from evolve.eval import Episodes, Memory, ProbationRunner, record_usage, task_ids
-from evolve.schema import Knowledge, Outcome, Split, Trajectory
-from evolve.specs import EnvSpec
+from evolve.eval.metrics import compare
+from evolve.schema import Checkpoint, CheckpointStatus, Knowledge, Outcome, Split, TrainingExample, Trajectory
+from evolve.specs import EnvSpec, PolicySpec
 from evolve.stores import ExperienceStore, make_embedder
 
 log = logging.getLogger("evolve.pipeline")
@@ -80,9 +85,16 @@ class Ctx:
         return self.store.trajectories(self.ns, run_id=self.run_id, arm=arm, split=split)
 
     def episodes(
-        self, policy_key: str, *, split: str, seeds: list[int], max_steps: int, workers: int
+        self,
+        policy_key: str | dict[str, Any],
+        *,
+        split: str,
+        seeds: list[int],
+        max_steps: int,
+        workers: int,
     ) -> Episodes:
-        """Episodes of this run with the policy ``policy_key``; finished ones are never rerun."""
+        """Episodes of this run with the policy ``policy_key`` (or a policy spec); finished ones
+        are never rerun."""
 
         def announce(arm: str, n: int, seed: int) -> None:
             self.console.print(f"[cyan]{arm}[/]: {n} episodes on {split} (seed {seed})")
@@ -90,7 +102,7 @@ class Ctx:
         return Episodes(
             self.store,
             self.env_spec,
-            self.policy(policy_key),
+            self.policy(policy_key) if isinstance(policy_key, str) else policy_key,
             namespace=self.ns,
             run_id=self.run_id,
             split=split,
@@ -182,13 +194,18 @@ def stage_synth(ctx: Ctx) -> dict[str, Any]:
     st = ctx.cfg.stages.synth
     assert st is not None
     trajs = _collected(ctx)
+    opts = _student_prompt(ctx)  # train on the layout the student will see at act time
     examples = []
     if "sft" in st.kinds:
-        examples += sft_examples(trajs, namespace=ctx.ns)
+        examples += sft_examples(trajs, namespace=ctx.ns, options=opts)
     if "privileged" in st.kinds:
         skills = ctx.store.skills(ctx.ns, status="active")
         examples += privileged_examples(
-            [t for t in trajs if not t.success], _privileged(ctx, trajs), skills, namespace=ctx.ns
+            [t for t in trajs if not t.success],
+            _privileged(ctx, trajs),
+            skills,
+            namespace=ctx.ns,
+            options=opts,
         )
     ctx.store.add_examples(examples)
     kinds: dict[str, int] = {}
@@ -209,11 +226,226 @@ def _privileged(ctx: Ctx, trajs: list[Trajectory]) -> dict[str, Any]:
     return out
 
 
+# ------------------------------------------------------------------ train: weights, with probation
 def stage_train(ctx: Ctx) -> dict[str, Any]:
-    raise ConfigError(
-        "stage 'train' is not available yet (the trainer arrives in a later release); "
-        "remove 'train' from stages — synth already stores the training examples"
+    """Train the student on the namespace's examples, record the checkpoint with its lineage, then
+    probation for weights: the checkpoint becomes the run's student only if it beats the current
+    one on the probation split (same tasks and seeds); otherwise it stays a candidate."""
+    st = ctx.cfg.stages.train
+    assert st is not None
+    examples = _train_examples(ctx, st)
+    student = _student_path(ctx, st)
+    fields = st.trainer_fields()
+    fp = _fingerprint(fields, student, examples)
+    ckpt_id = f"ckpt-{ctx.run_id}-{fp}"
+    ckpt = next((c for c in ctx.store.checkpoints(ctx.ns, run_id=ctx.run_id) if c.id == ckpt_id), None)
+    if ckpt is not None and Path(ckpt.path).exists():
+        ctx.console.print(f"[dim]{ckpt_id}: trained earlier on the same examples and settings, reused[/]")
+    else:
+        out_dir = _output_dir(ctx, st) / fp
+        ctx.console.print(f"training ({st.method}) {student} on {len(examples)} examples -> {out_dir}")
+        loss, result = _train(fields, student, out_dir, examples)
+        ckpt = ctx.store.add_checkpoint(
+            Checkpoint(
+                id=ckpt_id,
+                namespace=ctx.ns,
+                run_id=ctx.run_id,
+                policy=st.policy,
+                path=str(result.merged_dir),
+                adapter_dir=str(result.adapter_dir) if result.adapter_dir else None,
+                base_model=student,
+                method=st.method,
+                loss=loss,
+                metrics={"train": _train_metrics(result)},
+                example_ids=list(result.examples),
+                trajectory_ids=list(result.trajectories),
+            )
+        )
+    dev = _weights_probation(ctx, st, ckpt)
+    ckpt = ctx.store.get_checkpoint(ckpt.id, ctx.ns)
+    ctx.console.print(f"[bold]{ckpt.id}[/]: {ckpt.reason}")
+    return {
+        "checkpoint": ckpt.id,
+        "status": ckpt.status.value,
+        "reason": ckpt.reason,
+        "path": ckpt.path,
+        "examples": len(ckpt.example_ids),
+        "trajectories": len(ckpt.trajectory_ids),
+        "steps": ckpt.metrics.get("train", {}).get("steps"),
+        "dev": dev,
+    }
+
+
+def _train_examples(ctx: Ctx, st: TrainStage) -> list[TrainingExample]:
+    examples = [e for kind in st.kinds for e in ctx.store.examples(ctx.ns, kind=kind)]
+    if not examples:
+        raise ConfigError(
+            f"stage train: no training examples of kind {', '.join(st.kinds)} in namespace '{ctx.ns}'; "
+            "run the synth stage first (stages.synth) or change stages.train.kinds"
+        )
+    return examples
+
+
+def _student_path(ctx: Ctx, st: TrainStage) -> str:
+    base = ctx.cfg.policies.get(st.policy)
+    path = st.student or (base.path if base is not None else None) or ""
+    if not Path(path).expanduser().exists():
+        raise ConfigError(
+            f"stages.train.student: model path '{path}' does not exist; set it to a local model "
+            "directory or .gguf file"
+        )
+    return path
+
+
+def _output_dir(ctx: Ctx, st: TrainStage) -> Path:
+    p = Path(st.output_dir).expanduser()
+    return p if p.is_absolute() else ctx.run_dir / p
+
+
+def _fingerprint(fields: dict[str, Any], student: str, examples: Sequence[TrainingExample]) -> str:
+    """Same settings, student and examples -> same id and directory: a rerun after a crash resumes
+    the trainer's own checkpoints there, and a finished one is reused instead of trained again."""
+    h = hashlib.sha256(json.dumps([fields, student], sort_keys=True, default=str).encode())
+    for e in sorted(examples, key=lambda e: e.id):
+        h.update(
+            e.model_dump_json(include={"id", "kind", "messages", "privileged_context", "weight"}).encode()
+        )
+    return h.hexdigest()[:10]
+
+
+def _train(
+    fields: dict[str, Any], student: str, out_dir: Path, examples: Sequence[TrainingExample]
+) -> tuple[str, Any]:
+    """``evolve.train.trainer.train`` on the examples; a bad setting is one :class:`ConfigError` line."""
+    from evolve.train.trainer import TrainConfig, train
+
+    try:
+        config = TrainConfig.model_validate({**fields, "student": student, "output_dir": str(out_dir)})
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = ".".join(str(x) for x in err["loc"])
+        raise ConfigError(f"stages.train.{loc}: {err['msg'].removeprefix('Value error, ')}") from None
+    return config.loss, train(config, examples)
+
+
+def _train_metrics(result: Any) -> dict[str, Any]:
+    losses = list(result.losses)
+    return {
+        "steps": result.steps,
+        "trained_tokens": result.trained_tokens,
+        "first_loss": losses[0] if losses else None,
+        "last_loss": losses[-1] if losses else None,
+        "eval_losses": list(result.eval_losses),
+        "wall_s": result.wall_s,
+        "tokens_per_s": result.tokens_per_s,
+        "peak_rss_mb": result.peak_rss_mb,
+        "output_dir": str(result.output_dir),
+    }
+
+
+def _base_spec(ctx: Ctx, st: TrainStage) -> dict[str, Any]:
+    """The configured student (before any training): ``policies[st.policy]``, else the base model."""
+    if st.policy in ctx.cfg.policies:
+        return ctx.policy(st.policy)
+    return {"kind": "hf", "path": st.student, "name": st.policy}
+
+
+def trained_spec(cfg: JobConfig, key: str, ckpt: Checkpoint) -> dict[str, Any]:
+    """The policy spec that runs ``ckpt``: ``policies[key]``'s settings when it is an hf policy."""
+    upd = {"path": ckpt.path, "name": f"{key}@{ckpt.id}"}
+    base = cfg.policies.get(key)
+    if base is not None and base.kind == "hf":
+        return base.model_copy(update=upd).model_dump(exclude_none=True)
+    return PolicySpec(kind="hf", **upd).model_dump(exclude_none=True)
+
+
+def _current_student(ctx: Ctx, st: TrainStage, exclude: str) -> tuple[str, dict[str, Any]]:
+    """The run's student for ``st.policy`` now: its active checkpoint, else the configured policy."""
+    for c in reversed(ctx.store.checkpoints(ctx.ns, run_id=ctx.run_id, policy=st.policy, status="active")):
+        if c.id != exclude:
+            return c.id, trained_spec(ctx.cfg, st.policy, c)
+    return st.policy, _base_spec(ctx, st)
+
+
+def weights_verdict(
+    before: Sequence[Trajectory], after: Sequence[Trajectory], n_boot: int = 1000
+) -> tuple[bool, dict[str, Any]]:
+    """Does ``after`` (the trained student) beat ``before`` (the current one)? Paired on the
+    episodes both ran (task, seed): a higher success rate, or the same and a higher score."""
+    from evolve.eval.metrics import arm_metrics
+
+    c = compare("after", after, "before", before, n_boot)
+    keys = {(t.task_id, t.seed) for t in after} & {(t.task_id, t.seed) for t in before}
+    b = arm_metrics("before", [t for t in before if (t.task_id, t.seed) in keys], n_boot)
+    a = arm_metrics("after", [t for t in after if (t.task_id, t.seed) in keys], n_boot)
+    ds, dg = c.success_delta.mean, c.score_delta.mean
+    wins = c.paired_episodes > 0 and (ds > 1e-12 or (abs(ds) <= 1e-12 and dg > 1e-9))
+    return wins, {
+        "paired_episodes": c.paired_episodes,
+        "before": {"success": round(b.success.mean, 4), "score": round(b.score.mean, 2)},
+        "after": {"success": round(a.success.mean, 4), "score": round(a.score.mean, 2)},
+        "success_delta": [round(ds, 4), round(c.success_delta.lo, 4), round(c.success_delta.hi, 4)],
+        "score_delta": [round(dg, 2), round(c.score_delta.lo, 2), round(c.score_delta.hi, 2)],
+    }
+
+
+def _weights_probation(ctx: Ctx, st: TrainStage, ckpt: Checkpoint) -> dict[str, Any]:
+    pr = st.probation
+    if ckpt.status == CheckpointStatus.rejected:
+        return {"skipped": "the checkpoint was rejected by hand"}
+    if not pr.enabled:
+        ctx.store.update_checkpoint(
+            ckpt.id,
+            ctx.ns,
+            reason="candidate: probation is disabled (stages.train.probation.enabled), nothing replaced",
+        )
+        return {"skipped": "probation disabled"}
+    label, current = _current_student(ctx, st, exclude=ckpt.id)
+    ev, co = ctx.cfg.stages.eval, ctx.cfg.stages.collect
+    max_steps = pr.max_steps or (ev.max_steps if ev else co.max_steps if co else 40)
+    ids = task_ids(ctx.env_spec, pr.split, pr.episodes)
+    episodes = ctx.episodes(
+        current, split=pr.split, seeds=pr.seeds, max_steps=max_steps, workers=ev.workers if ev else 1
     )
+    before = episodes.run(f"probation:weights:{label}", ids)
+    after = episodes.run(f"probation:weights:{ckpt.id}", ids, policy=trained_spec(ctx.cfg, st.policy, ckpt))
+    wins, dev = weights_verdict(before, after, ev.bootstrap if ev else 1000)
+    dev = {"split": pr.split, "current": label, **dev}
+    b, a = dev["before"], dev["after"]
+    what = (
+        f"on {pr.split} ({dev['paired_episodes']} paired episodes) success {100 * b['success']:.0f}% -> "
+        f"{100 * a['success']:.0f}%, score {b['score']:.1f} -> {a['score']:.1f}"
+    )
+    with ctx.store.transaction():
+        if wins:
+            for old in ctx.store.checkpoints(ctx.ns, run_id=ctx.run_id, policy=st.policy, status="active"):
+                if old.id != ckpt.id:
+                    ctx.store.update_checkpoint(
+                        old.id, ctx.ns, status=CheckpointStatus.retired, reason=f"retired: {ckpt.id} beat it"
+                    )
+            reason = f"active: beat the current student '{label}' {what}"
+            status = CheckpointStatus.active
+        else:
+            reason = (
+                f"candidate: did not beat the current student '{label}' {what} (needs a higher success "
+                "rate, or the same and a higher score); the student is unchanged"
+            )
+            status = CheckpointStatus.candidate
+        ctx.store.update_checkpoint(ckpt.id, ctx.ns, status=status, reason=reason, metrics={"dev": dev})
+    return dev
+
+
+def _student_prompt(ctx: Ctx) -> Any:
+    """The prompt options of the student the train stage trains (as ``make_policy`` builds them),
+    so its examples are rendered exactly as it will be prompted; None = the default layout."""
+    tr = ctx.cfg.stages.train
+    spec = ctx.cfg.policies.get(tr.policy) if tr is not None else None
+    if spec is None or spec.kind not in ("hf", "openai"):
+        return None
+    from evolve.llm.prompts import PromptOptions
+
+    fmt = "command" if spec.kind == "hf" and spec.mode == "rank" else "json"
+    return PromptOptions(max_actions=spec.max_actions, max_turns=spec.max_turns, action_format=fmt)
 
 
 def stage_eval(ctx: Ctx) -> dict[str, Any]:
@@ -238,15 +470,32 @@ def stage_eval(ctx: Ctx) -> dict[str, Any]:
         st.policy, split=st.split, seeds=st.seeds, max_steps=st.max_steps, workers=st.workers
     )
     oracle = next((k for k, p in ctx.cfg.policies.items() if p.kind == "oracle"), None)
+    knowledge = active_knowledge(ctx.store, ctx.ns)
     results = run_arms(
         episodes,
         ctx.memory,
         st.arms,
         ids,
-        knowledge=active_knowledge(ctx.store, ctx.ns),
+        knowledge=knowledge,
         train=train,
         policies={"oracle": ctx.policy(oracle)} if oracle else {},
     )
+    # The student after training: the same arms (with and without memory) with the checkpoint.
+    ckpt = _eval_checkpoint(ctx)
+    trained_arms = [a for a in st.arms if a != "oracle"] if ckpt is not None else []
+    if ckpt is not None:
+        spec = trained_spec(ctx.cfg, st.policy, ckpt)
+        after = run_arms(
+            episodes,
+            ctx.memory,
+            trained_arms,
+            ids,
+            knowledge=knowledge,
+            train=train,
+            policies={a: spec for a in trained_arms},
+            label=lambda arm: f"eval:{ckpt.id}:{arm}",
+        )
+        results.update({f"trained:{a}": ts for a, ts in after.items()})
     used = record_usage(
         ctx.store,
         ctx.memory,
@@ -267,12 +516,19 @@ def stage_eval(ctx: Ctx) -> dict[str, Any]:
         split=st.split,
         policy=f"{st.policy} ({ctx.cfg.policies[st.policy].kind})",
         arms=arms,
-        comparisons=compare_arms(results, st.bootstrap),
+        comparisons=[
+            *compare_arms(results, st.bootstrap),
+            *(
+                compare(f"trained:{a}", results[f"trained:{a}"], a, results[a], st.bootstrap)
+                for a in trained_arms
+            ),
+        ],
         curve=curve,
         knowledge={"counts": knowledge_counts(ctx.store, ctx.ns), "train_episodes": len(train)},
         notes=[
             f"Held-out tasks: {len(ids)} x seeds {st.seeds}; knowledge distilled from train episodes only, "
             f"activated by probation on {distill.probation.split if distill else '-'} tasks.",
+            *([_checkpoint_note(st.policy, ckpt)] if ckpt is not None else []),
             f"Run id {ctx.run_id}; trajectories are in {ctx.cfg.store_path} (namespace {ctx.ns}).",
         ],
     )
@@ -283,7 +539,28 @@ def stage_eval(ctx: Ctx) -> dict[str, Any]:
         "success": {m.arm: round(m.success.mean, 3) for m in arms},
         "episodes_per_arm": len(ids) * len(st.seeds),
         "usage_written": used,
+        **({"checkpoint": ckpt.id, "checkpoint_status": ckpt.status.value} if ckpt is not None else {}),
     }
+
+
+def _eval_checkpoint(ctx: Ctx) -> Checkpoint | None:
+    """The checkpoint of the eval student this run trained that the eval shows "after training"
+    (``stages.eval.trained``: the latest, only an active one, or none)."""
+    st = ctx.cfg.stages.eval
+    assert st is not None
+    if st.trained == "none":
+        return None
+    status = "active" if st.trained == "active" else None
+    found = ctx.store.checkpoints(ctx.ns, run_id=ctx.run_id, policy=st.policy, status=status)
+    return found[-1] if found else None
+
+
+def _checkpoint_note(key: str, ckpt: Checkpoint) -> str:
+    stale = " It is STALE: a trajectory it was trained on has been deleted since." if ckpt.stale else ""
+    return (
+        f"Student before training: policies.{key}; after training (the 'trained:' arms): checkpoint "
+        f"{ckpt.id} ({ckpt.method}, {ckpt.path}), {ckpt.reason or ckpt.status.value}.{stale}"
+    )
 
 
 STAGE_FNS = {

@@ -477,6 +477,44 @@ class TeacherLogprobs(_Model):
     created_at: datetime = Field(default_factory=utcnow)
 
 
+class CheckpointStatus(str, Enum):
+    candidate = "candidate"
+    """Trained, not (yet) shown to beat the student it would replace."""
+    active = "active"
+    """Beat the run's student on the dev split: it is the run's student now."""
+    rejected = "rejected"
+    """Set aside by hand (``update_checkpoint``): never made active."""
+    retired = "retired"
+    """Was active; a later checkpoint that beat it took its place."""
+
+
+class Checkpoint(_Model):
+    """A trained student: where its weights are, what it was trained on (lineage), how it did."""
+
+    id: str = Field(default_factory=lambda: new_id("ckpt"))
+    namespace: str = "default"
+    run_id: str
+    policy: str
+    """The key of the job's ``policies`` whose student this checkpoint may replace."""
+    path: str
+    """The merged model directory: ``{"kind": "hf", "path": path}`` runs it as a policy."""
+    adapter_dir: str | None = None
+    base_model: str
+    method: str
+    loss: str = ""
+    status: CheckpointStatus = CheckpointStatus.candidate
+    stale: bool = False
+    """A trajectory it was trained on has been deleted since."""
+    reason: str = ""
+    """Why it is active or still a candidate (the probation verdict, in words)."""
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    """``train`` (steps, losses, tokens/s, ...) and ``dev`` (before / after on the dev split)."""
+    example_ids: list[str] = Field(default_factory=list)
+    trajectory_ids: list[str] = Field(default_factory=list)
+    created_at: datetime = Field(default_factory=utcnow)
+    updated_at: datetime = Field(default_factory=utcnow)
+
+
 class MemoryContext(_Model):
     """What memory hands the planner for one step: injected knowledge and control notes."""
 

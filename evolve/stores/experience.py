@@ -3,13 +3,13 @@
 Layout on disk::
 
     run/store.duckdb            trajectories, steps, diagnoses, skills, guardrails, examples,
-                                teacher log-probs, retrieval logs, runs, vectors (the embeddings,
+                                teacher log-probs, retrieval logs, runs, checkpoints, vectors (the embeddings,
                                 so indexes rebuild without re-embedding)
     run/store.duckdb.index/     <kind>.index + <kind>.json  (FAISS, rebuilt when missing or stale)
 
 The class is a façade: it owns the connection, migrations, transactions and namespaces, and
 hands each table family to a part (``trajectories.py``, ``knowledge.py``, ``examples.py``,
-``retrieval_logs.py``, ``runs.py``, ``search.py``); every table is declared once in ``tables.py``.
+``retrieval_logs.py``, ``runs.py``, ``checkpoints.py``, ``search.py``); every table is declared once in ``tables.py``.
 
 Ingestion is batched: a list of trajectories becomes three Arrow tables appended in one
 transaction. Embedding is lazy: rows are embedded (one batched call per kind) the first time a
@@ -31,6 +31,8 @@ from pydantic import BaseModel, ValidationError
 
 from evolve.errors import StoreError
 from evolve.schema import (
+    Checkpoint,
+    CheckpointStatus,
     Guardrail,
     KnowledgeStatus,
     RetrievalLog,
@@ -42,6 +44,7 @@ from evolve.schema import (
     utcnow,
 )
 from evolve.stores import tables as T
+from evolve.stores.checkpoints import Checkpoints
 from evolve.stores.embedders import Embedder, default_embedder
 from evolve.stores.examples import Examples
 from evolve.stores.hybrid import RRF_K, Reranker
@@ -98,6 +101,7 @@ class ExperienceStore:
         self._examples = Examples(self)
         self._logs = RetrievalLogs(self)
         self._runs = Runs(self)
+        self._checkpoints = Checkpoints(self)
         self._vectors = VectorSearch(self)
         self.conn = self._connect()
         try:
@@ -178,6 +182,7 @@ class ExperienceStore:
 
         1 -> 2: retrieval_log gains query, rank, similarity, rerank_score (added at the end of the
         table, where ``tables.RETRIEVAL_LOG`` declares them); the teacher_logprobs table is created.
+        2 -> 3: the checkpoints table is created.
         Missing tables and columns are derived from the table specs, so a later version that only
         adds columns needs no code here.
         """
@@ -309,7 +314,8 @@ class ExperienceStore:
         return self._traj.done_episodes(where, params, include_errors)
 
     def delete_trajectory(self, trajectory_id: str, namespace: str | None = None) -> dict[str, int]:
-        """Delete a trajectory and, through provenance, everything distilled from it."""
+        """Delete a trajectory and, through provenance, everything distilled from it; checkpoints
+        trained on it are kept but marked ``stale`` (``counts["checkpoints_stale"]``)."""
         counts = self._traj.delete(trajectory_id, self._ns(namespace))
         self._vectors.invalidate()
         return counts
@@ -368,6 +374,41 @@ class ExperienceStore:
     def get_teacher_logprobs(self, prompt_hashes: Iterable[str], teacher: str) -> dict[str, TeacherLogprobs]:
         """The cached log-probs of ``teacher`` by prompt hash; hashes not cached are absent."""
         return self._examples.get_teacher_logprobs(prompt_hashes, teacher)
+
+    # ------------------------------------------------------------------ checkpoints (trained students)
+    def add_checkpoint(self, checkpoint: Checkpoint) -> Checkpoint:
+        """Record (or replace, by id) a trained checkpoint with its lineage."""
+        return self._checkpoints.add(checkpoint)
+
+    def checkpoints(
+        self,
+        namespace: str | None = None,
+        *,
+        run_id: str | None = None,
+        policy: str | None = None,
+        status: str | CheckpointStatus | Iterable[str | CheckpointStatus] | None = None,
+    ) -> list[Checkpoint]:
+        """Checkpoints, oldest first, filtered by run, policy key and status."""
+        st = None if status is None else [status] if isinstance(status, str) else list(status)
+        return self._checkpoints.select(self._ns(namespace), run_id, policy, st)
+
+    def get_checkpoint(self, checkpoint_id: str, namespace: str | None = None) -> Checkpoint:
+        return self._checkpoints.get(checkpoint_id, self._ns(namespace))
+
+    def update_checkpoint(
+        self,
+        checkpoint_id: str,
+        namespace: str | None = None,
+        *,
+        status: str | CheckpointStatus | None = None,
+        reason: str | None = None,
+        metrics: dict[str, Any] | None = None,
+        stale: bool | None = None,
+    ) -> Checkpoint:
+        """Set a checkpoint's status / reason / stale flag; ``metrics`` are merged into its own."""
+        return self._checkpoints.update(
+            checkpoint_id, self._ns(namespace), status=status, reason=reason, metrics=metrics, stale=stale
+        )
 
     # ------------------------------------------------------------------ retrieval logs
     def log_retrievals(self, logs: Sequence[RetrievalLog]) -> None:

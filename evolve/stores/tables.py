@@ -15,9 +15,9 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
-STORE_SCHEMA_VERSION = 2
+STORE_SCHEMA_VERSION = 3
 """Version of the store's tables (not of the pydantic models). 2: retrieval_log gained query, rank,
-similarity, rerank_score; the teacher_logprobs table."""
+similarity, rerank_score; the teacher_logprobs table. 3: the checkpoints table."""
 
 _TS = pa.timestamp("us", tz="UTC")
 _ARROW: dict[str, pa.DataType] = {
@@ -140,6 +140,14 @@ RUN_STAGES = _t(
     "run_id VARCHAR, stage VARCHAR, status VARCHAR, data JSON, updated_at TIMESTAMPTZ",
     ("run_id", "stage"),
 )
+CHECKPOINTS = _t(
+    "checkpoints",
+    # status and stale are the truth (a trajectory delete flips stale in SQL); data holds the rest.
+    "id VARCHAR, namespace VARCHAR, run_id VARCHAR, policy VARCHAR, status VARCHAR, stale BOOLEAN, "
+    "path VARCHAR, base_model VARCHAR, method VARCHAR, example_ids VARCHAR[], trajectory_ids VARCHAR[], "
+    "created_at TIMESTAMPTZ, updated_at TIMESTAMPTZ, data JSON",
+    ("id",),
+)
 VECTORS = _t(
     "vectors",
     "vid BIGINT, kind VARCHAR, ref_id VARCHAR, namespace VARCHAR, model VARCHAR, text VARCHAR, vec FLOAT[]",
@@ -159,6 +167,7 @@ TABLES: tuple[Table, ...] = (
     RETRIEVAL_LOG,
     RUNS,
     RUN_STAGES,
+    CHECKPOINTS,
     VECTORS,
 )
 NAMESPACED: tuple[str, ...] = tuple(t.name for t in TABLES if "namespace" in t.names)

@@ -190,7 +190,8 @@ class Trajectories(Part):
         return {(r[0], r[1]) for r in rows}
 
     def delete(self, trajectory_id: str, ns: str) -> dict[str, int]:
-        """Delete a trajectory and, through provenance, the knowledge and examples distilled from it."""
+        """Delete a trajectory and, through provenance, the knowledge and examples distilled from it;
+        checkpoints trained on it are marked stale."""
         counts: dict[str, int] = {}
         with self.store.transaction():
             for table, col in (
@@ -226,4 +227,6 @@ class Trajectories(Part):
                 "DELETE FROM vectors WHERE kind = 'trajectory' AND ref_id = ? AND namespace = ?",
                 [trajectory_id, ns],
             )
+            # Weights cannot forget one episode: checkpoints trained on it stay, flagged stale.
+            counts["checkpoints_stale"] = self.store._checkpoints.mark_stale(trajectory_id, ns)
         return counts
