@@ -161,7 +161,18 @@ def run_trl(args: argparse.Namespace, examples: list[Any]) -> dict[str, Any]:
 
     tok = AutoTokenizer.from_pretrained(args.model_dir, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(args.model_dir, local_files_only=True, dtype="float32")
-    ds = to_trl_dataset(examples, "sft").remove_columns(["id"])
+    if args.trl_data == "chat":  # what a TRL user writes: conversational prompt-completion
+        ds = to_trl_dataset(examples, "sft").remove_columns(["id"])
+    else:  # the very tokens and masks evolve trains on (SFTTrainer takes tokenized data as is)
+        import datasets
+
+        from evolve.train.data import tokenize_example
+
+        rows = []
+        for e in examples:
+            t = tokenize_example(tok, e, max_length=args.max_length)
+            rows.append({"input_ids": t.input_ids, "completion_mask": [int(x != -100) for x in t.labels]})
+        ds = datasets.Dataset.from_list(rows)
     times: dict[str, float] = {}
 
     class Clock(TrainerCallback):
@@ -230,6 +241,13 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--frameworks", nargs="+", default=["trl", "evolve"])
+    p.add_argument(
+        "--trl-data",
+        default="tokens",
+        choices=["tokens", "chat"],
+        help="tokens: TRL gets evolve's token ids and masks (same tokens, comparable losses); "
+        "chat: TRL's own conversational prompt-completion rendering (it also trains the newline after <|im_end|>)",
+    )
     p.add_argument("--seed", type=int, default=0)
     # internal: one framework in a child process
     p.add_argument("--framework", help=argparse.SUPPRESS)
@@ -264,7 +282,7 @@ def main() -> None:
             sys.executable, __file__, "--framework", fw, "--model-dir", str(mdir), "--data", str(data),
             "--work", str(out / f"work-{args.model}"), "--json-out", str(res_path),
             "--steps", str(args.steps), "--accum", str(args.accum), "--max-length", str(args.max_length),
-            "--lr", str(args.lr), "--threads", str(args.threads),
+            "--lr", str(args.lr), "--threads", str(args.threads), "--trl-data", args.trl_data,
         ]  # fmt: skip
         console.print(f"[cyan]{fw}[/]: {args.steps} steps x {args.accum} examples on {args.model} ...")
         subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
@@ -291,7 +309,8 @@ def main() -> None:
             ]
         )
     md = print_table(
-        f"SFT speed: {args.model}, LoRA r=16 (q,k,v,o), batch 1 x {args.accum}, {args.threads} thread(s), fp32",
+        f"SFT speed: {args.model}, LoRA r=16 (q,k,v,o), batch 1 x {args.accum}, {args.threads} thread(s), fp32, "
+        f"TRL data: {args.trl_data}",
         ["framework", "model", "steps", "tokens", "tokens/s", "vs TRL", "peak RSS GB", "loss first", "loss last", "max |loss - TRL|"],
         rows,
         console=console,
