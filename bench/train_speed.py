@@ -138,6 +138,7 @@ def run_evolve(args: argparse.Namespace, examples: list[Any]) -> dict[str, Any]:
         shuffle=False,
         max_length=args.max_length,
         max_grad_norm=1.0,
+        gradient_checkpointing=args.gradient_checkpointing == "on",
         dtype="float32",
         resume=False,
         save_merged=False,
@@ -200,6 +201,7 @@ def run_trl(args: argparse.Namespace, examples: list[Any]) -> dict[str, Any]:
         use_cpu=True,
         seed=0,
         train_sampling_strategy="sequential",
+        gradient_checkpointing=args.gradient_checkpointing == "on",  # TRL's default is on: set it alike
         dataloader_num_workers=0,
     )
     lora = LoraConfig(
@@ -242,6 +244,12 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--frameworks", nargs="+", default=["trl", "evolve"])
     p.add_argument(
+        "--gradient-checkpointing",
+        default="off",
+        choices=["off", "on"],
+        help="for both frameworks alike (TRL's SFTConfig turns it on by default)",
+    )
+    p.add_argument(
         "--trl-data",
         default="tokens",
         choices=["tokens", "chat"],
@@ -283,6 +291,7 @@ def main() -> None:
             "--work", str(out / f"work-{args.model}"), "--json-out", str(res_path),
             "--steps", str(args.steps), "--accum", str(args.accum), "--max-length", str(args.max_length),
             "--lr", str(args.lr), "--threads", str(args.threads), "--trl-data", args.trl_data,
+            "--gradient-checkpointing", args.gradient_checkpointing,
         ]  # fmt: skip
         console.print(f"[cyan]{fw}[/]: {args.steps} steps x {args.accum} examples on {args.model} ...")
         subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
@@ -310,13 +319,14 @@ def main() -> None:
         )
     md = print_table(
         f"SFT speed: {args.model}, LoRA r=16 (q,k,v,o), batch 1 x {args.accum}, {args.threads} thread(s), fp32, "
-        f"TRL data: {args.trl_data}",
+        f"TRL data: {args.trl_data}, gradient checkpointing {args.gradient_checkpointing}",
         ["framework", "model", "steps", "tokens", "tokens/s", "vs TRL", "peak RSS GB", "loss first", "loss last", "max |loss - TRL|"],
         rows,
         console=console,
     )  # fmt: skip
-    (out / f"{args.model}.md").write_text(md + "\n")
-    (out / f"{args.model}.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
+    tag = f"{args.model}-gc{args.gradient_checkpointing}"
+    (out / f"{tag}.md").write_text(md + "\n")
+    (out / f"{tag}.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
     console.print(
         "per-step losses: "
         + "; ".join(f"{fw} {[round(x, 4) for x in r['losses']]}" for fw, r in results.items())
