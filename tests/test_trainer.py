@@ -196,6 +196,31 @@ def test_grad_accumulation_matches_one_big_batch(student_dir: Path, tmp_path: Pa
     )
 
 
+@pytest.mark.parametrize("lora", [True, False])
+def test_gradient_checkpointing_changes_memory_not_results(
+    student_dir: Path, tmp_path: Path, lora: bool
+) -> None:
+    """Activation checkpointing recomputes the forward in the backward: same losses, same weights."""
+    common: dict[str, Any] = {"epochs": 2, "save_every": 2, "save_merged": True}
+    if not lora:
+        common["lora"] = None
+        common["lr"] = 1e-3
+    plain = train(config(student_dir, tmp_path / "plain", **common), EXAMPLES, progress=False)
+    ckpt = train(
+        config(student_dir, tmp_path / "ckpt", gradient_checkpointing=True, **common),
+        EXAMPLES,
+        progress=False,
+    )
+    assert ckpt.losses == pytest.approx(plain.losses, rel=1e-5)
+    assert_same_weights(
+        weights(Path(plain.checkpoint) / "trainable.safetensors"),
+        weights(Path(ckpt.checkpoint) / "trainable.safetensors"),
+        atol=1e-5,
+    )
+    cfg = json.loads((Path(ckpt.merged_dir) / "config.json").read_text())
+    assert cfg.get("use_cache", True) is True  # the merged model generates with its cache again
+
+
 def test_distill_from_a_local_teacher(student_dir: Path, tmp_path: Path) -> None:
     teacher = build_tiny_causal_lm(tmp_path / "teacher", hidden_size=48, seed=1)  # same tokenizer, wider
     cfg = config(

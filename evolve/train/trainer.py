@@ -258,10 +258,12 @@ def train(
 
     # 3. adapters, optimizer, schedule, devices ----------------------------------------------------
     if cfg.gradient_checkpointing:
-        enable = (
-            getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-        )
-        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers >= 5.2x names it activation checkpointing (the old name warns); both take
+        # the non-reentrant variant, which works with LoRA's frozen inputs.
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     if cfg.lora is not None:
         from peft import LoraConfig, get_peft_model
