@@ -326,15 +326,30 @@ def main() -> None:
         sys.exit(130)
     except typer.Exit as e:
         sys.exit(e.exit_code)
-    except Exception as e:  # click usage errors arrive here in non-standalone mode
-        import click
+    except Exception as e:  # usage errors arrive here in non-standalone mode
+        usage = _usage_error(e)
+        if usage is None:
+            raise
+        print(f"error: {usage}", file=sys.stderr)
+        sys.exit(2)
 
-        if isinstance(e, click.exceptions.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
-        if isinstance(e, click.exceptions.Abort):
-            sys.exit(1)
-        raise
+
+def _usage_error(e: Exception) -> str | None:
+    """One line for a command-line usage error (unknown command or option, bad value), else None.
+
+    typer vendors its own click (``typer._click``), whose exceptions are not ``click``'s: both are
+    recognised, by class name along the MRO, so neither ends in a traceback.
+    """
+    names = {c.__name__ for c in type(e).__mro__}
+    if "Abort" in names:
+        return "aborted"
+    if "ClickException" not in names:
+        return None
+    fmt = getattr(e, "format_message", None)  # BadParameter names the option: "Invalid value for '--k': ..."
+    msg = " ".join(str(fmt() if callable(fmt) else e).split())
+    msg = msg.rstrip(".")
+    hint = "; see evolve --help" if "UsageError" in names else ""
+    return f"{msg}{hint}"
 
 
 if __name__ == "__main__":

@@ -261,8 +261,14 @@ def load_job(path: str | os.PathLike | None = None, overrides: dict[str, Any] | 
     p = Path(path) if path else QUICKSTART
     if not p.exists():
         raise ConfigError(f"job file '{p}' not found; give a path to a YAML job, or none for the quickstart")
+    if not p.is_file():
+        raise ConfigError(f"job file '{p}' is not a file (a directory?); give the path of a YAML job")
     try:
-        data = yaml.safe_load(p.read_text())
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: not a UTF-8 text file (byte {e.start}); a job is a YAML text file") from None
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot be read ({e.strerror}); check the path and its permissions") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark else "?"

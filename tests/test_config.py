@@ -84,3 +84,30 @@ def test_cli_prints_one_line_without_traceback(tmp_path: Path) -> None:
     assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr
     r = subprocess.run([sys.executable, "-m", "evolve.cli", "--version"], capture_output=True, text=True)
     assert r.returncode == 0 and "evolve 0.1.0" in r.stdout
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["frobnicate"], "No such command 'frobnicate'"),
+        (["run", "--no-such-option"], "No such option"),
+        (["store", "search", "q", "--store", "x.duckdb", "--k", "abc"], "--k"),
+        (["run", "{dir}"], "is not a file"),
+        (["run", "{binary}"], "not a UTF-8 text file"),
+    ],
+)
+def test_usage_and_unreadable_file_errors_are_one_line(
+    tmp_path: Path, argv: list[str], expected: str
+) -> None:
+    """Usage errors (typer's vendored click) and unreadable job files: exit 2, one line, no traceback."""
+    (tmp_path / "jobdir").mkdir()
+    binary = tmp_path / "job.bin"
+    binary.write_bytes(b"\xff\xfe\x00name: x\n\x80\x81")
+    argv = [a.format(dir=tmp_path / "jobdir", binary=binary) for a in argv]
+    r = subprocess.run(
+        [sys.executable, "-m", "evolve.cli", *argv], capture_output=True, text=True, cwd=tmp_path
+    )
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], r.stderr
