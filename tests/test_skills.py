@@ -714,3 +714,20 @@ def test_distilling_the_same_experience_twice_is_idempotent(store: ExperienceSto
     again, _ = distill_knowledge(trajs, store=store)
     assert again == []  # nothing new to put on probation
     assert {k.id: k.version for k in [*store.skills(), *store.guardrails()]} == before
+
+
+def test_knowledge_ids_come_from_content_so_runs_repeat() -> None:
+    """The same experience distills to the same ids (the store lists by id; retrieval breaks ties by
+    id), different namespaces or contents to different ones."""
+    env = ChestWorld()
+    tasks = env.tasks("train")
+    fail = play(env, tasks[0], ["open chest", "take key"], source=ActionSource.policy)
+    ok = [gold(env, t) for t in tasks[1:3]]
+    first = distill_skills(ok), distill_guardrails([fail, *ok])[0]
+    again = distill_skills(ok), distill_guardrails([fail, *ok])[0]
+    ids = [k.id for k in [*first[0], *first[1]]]
+    assert ids == [k.id for k in [*again[0], *again[1]]]
+    assert len(set(ids)) == len(ids)  # distinct items, distinct ids
+    assert all(i.startswith(("skill-", "guard-")) for i in ids)
+    other_ns = [k.id for k in distill_skills(ok, namespace="other")]
+    assert not set(other_ns) & set(ids)

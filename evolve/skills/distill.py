@@ -28,6 +28,8 @@ progress, or that worked in a state where the guardrail claims it cannot) is rej
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import re
 from collections import defaultdict
@@ -454,6 +456,14 @@ def _add_instance(
     a.provenance.append(t.id)
 
 
+def content_id(prefix: str, namespace: str, *parts: object) -> str:
+    """An id that is a function of what the item says (not a random uuid), so that the same
+    trajectories distill to the same ids in every run: the store lists knowledge by id and retrieval
+    breaks score ties by id, so random ids made runs of the same job differ by a few episodes."""
+    payload = json.dumps([namespace, *parts], sort_keys=True, default=str, separators=(",", ":"))
+    return f"{prefix}-{hashlib.sha1(payload.encode()).hexdigest()[:16]}"
+
+
 def _make_skill(a: _SkillAcc, namespace: str, support: int) -> Skill:
     verbs = [w for tmpl in a.steps for w in words(SLOT.sub(" ", tmpl))[:1]]
     name = " -> ".join(a.steps)
@@ -469,7 +479,9 @@ def _make_skill(a: _SkillAcc, namespace: str, support: int) -> Skill:
         for k, v in a.slots.items()
         if any("{" + k + "}" in x for x in [*a.steps, *a.preconditions, *a.verification])
     }
+    signature = skill_signature(a.preconditions, a.family, a.steps)
     return Skill(
+        id=content_id("skill", namespace, signature, a.steps, a.preconditions, a.verification),
         namespace=namespace,
         env=a.env,
         name=name,
@@ -478,7 +490,7 @@ def _make_skill(a: _SkillAcc, namespace: str, support: int) -> Skill:
         steps=list(a.steps),
         slots=slots,
         verification=list(a.verification),
-        signature=skill_signature(a.preconditions, a.family, a.steps),
+        signature=signature,
         tags=[a.kind, f"family:{a.family}"] + [f"cue:{c}" for c in cue_words],
         status=KnowledgeStatus.candidate,
         provenance=list(dict.fromkeys(a.provenance)),
@@ -667,7 +679,9 @@ def _make_guardrail(g: _GuardAcc, namespace: str) -> Guardrail:
     desc = f"'{readable}' failed ({g.cause.value}) when {when}, in {len(set(g.provenance))} episode(s)"
     if g.evidence and g.evidence[0]:
         desc += f"; e.g. {g.evidence[0][:140]}"
+    signature = canonical_signature([*g.trigger, g.forbidden], extra=f"{g.cause.value}|{g.task_pattern}")
     return Guardrail(
+        id=content_id("guard", namespace, signature, g.scope.value, g.forbidden, g.trigger),
         namespace=namespace,
         env=g.env,
         root_cause=g.cause,
@@ -676,7 +690,7 @@ def _make_guardrail(g: _GuardAcc, namespace: str) -> Guardrail:
         forbidden_action=g.forbidden,
         scope=g.scope,
         task_pattern=g.task_pattern,
-        signature=canonical_signature([*g.trigger, g.forbidden], extra=f"{g.cause.value}|{g.task_pattern}"),
+        signature=signature,
         status=KnowledgeStatus.candidate,
         provenance=list(dict.fromkeys(g.provenance)),
     )
