@@ -545,6 +545,16 @@ def test_index_persisted_then_rebuilt_identically_when_deleted(
     with open_store(path) as s:
         assert [_ids(s.search(q, "skill", k=10, mode="dense")) for q in QUERIES] == before[::2]
     assert builds == [60, 60]
+    # A valid FAISS file of a foreign type (a bare flat index, not our id map) is rebuilt too.
+    import faiss
+
+    dim = json.loads(index_file.with_suffix(".json").read_text())["dim"]
+    foreign = faiss.IndexFlatIP(dim)
+    foreign.add(np.zeros((60, dim), dtype="float32"))
+    faiss.write_index(foreign, str(index_file))
+    with open_store(path) as s:
+        assert [_ids(s.search(q, "skill", k=10, mode="dense")) for q in QUERIES] == before[::2]
+    assert builds == [60, 60, 60]
 
 
 def test_stale_index_is_extended_with_rows_of_another_instance(

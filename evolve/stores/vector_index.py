@@ -150,16 +150,18 @@ class VectorIndex:
             return None
         try:
             meta = json.loads(meta_path.read_text())
-            raw = faiss.read_index(str(path))
+            raw = faiss.read_index(str(path))  # typed already; a downcast proxy would not own it
+            dim, count = int(meta["dim"]), int(meta["count"])
+            max_vid, checksum = int(meta["max_vid"]), int(meta["checksum"])
         except Exception:
             return None
-        self = cls(int(meta["dim"]), hnsw_threshold)
-        if raw.d != self.dim:
+        # A foreign or stale file (another index type, another dimension, a count that disagrees with
+        # its metadata) is not ours to trust: None, and the store rebuilds it from DuckDB.
+        if not isinstance(raw, faiss.IndexIDMap2) or raw.d != dim or raw.ntotal != count:
             return None
+        self = cls(dim, hnsw_threshold)
         self.index = raw
-        self.count = int(meta["count"])
-        self.max_vid = int(meta["max_vid"])
-        self.checksum = int(meta["checksum"])
+        self.count, self.max_vid, self.checksum = count, max_vid, checksum
         if isinstance(faiss.downcast_index(self.index.index), faiss.IndexHNSW):
             faiss.downcast_index(self.index.index).hnsw.efSearch = HNSW_EF_SEARCH
         return self
