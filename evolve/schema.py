@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
+from abc import abstractmethod
 from datetime import datetime, timezone
 from enum import Enum
 from typing import Any, ClassVar, Literal
@@ -350,8 +351,9 @@ class Knowledge(_Model):
     parent_id: str | None = None
     created_at: datetime = Field(default_factory=utcnow)
 
+    @abstractmethod
     def text(self) -> str:
-        raise NotImplementedError
+        """The item as one line of prose (what a planner prompt and the search index see)."""
 
 
 class Skill(Knowledge):

@@ -215,6 +215,23 @@ class EvolveMemory:
         tracker = GoalTracker(goal, self.index.vocabulary, arg_words=self.index.arg_words)
         self._ep = _Episode(task=task, goal=goal, tracker=tracker)
 
+    def _log_ranked(self, step: int, ranked: list[tuple[Knowledge, Any]], injected: set[str]) -> None:
+        """Log every scored candidate up to ``log_top`` (and every injected one), with its rank;
+        ``ranked`` pairs each item with its match (score, applicable, reason, similarity, rerank)."""
+        for rank, (k, m) in enumerate(ranked):
+            if rank < self.config.log_top or k.id in injected:
+                self._log(
+                    step,
+                    k,
+                    rank,
+                    m.score,
+                    m.applicable,
+                    k.id in injected,
+                    m.reason,
+                    similarity=getattr(m, "similarity", None),
+                    rerank_score=getattr(m, "rerank_score", None),
+                )
+
     def _log(
         self,
         step: int,
@@ -359,20 +376,7 @@ class EvolveMemory:
         injected = [m for m in matches if m.applicable and m.score >= cfg.min_score][: cfg.top_k_skills]
         inj_ids = {m.skill.id for m in injected}
         ep.injected |= inj_ids
-        # Every scored candidate up to log_top per kind (and every injected one), with its rank.
-        for rank, m in enumerate(matches):
-            if rank < cfg.log_top or m.skill.id in inj_ids:
-                self._log(
-                    step_index,
-                    m.skill,
-                    rank,
-                    m.score,
-                    m.applicable,
-                    m.skill.id in inj_ids,
-                    m.reason,
-                    similarity=m.similarity,
-                    rerank_score=m.rerank_score,
-                )
+        self._log_ranked(step_index, [(m.skill, m) for m in matches], inj_ids)
         skills = [self._bound_copy(m) for m in injected]
         guards: list[Guardrail] = []
         if cfg.top_k_guardrails and self.index.guardrails:
@@ -380,17 +384,7 @@ class EvolveMemory:
             guards = [g.guardrail for g in gms if g.applicable][: cfg.top_k_guardrails]
             guard_ids = {g.id for g in guards}
             ep.injected |= guard_ids
-            for rank, gm in enumerate(gms):
-                if rank < cfg.log_top or gm.guardrail.id in guard_ids:
-                    self._log(
-                        step_index,
-                        gm.guardrail,
-                        rank,
-                        gm.score,
-                        gm.applicable,
-                        gm.guardrail.id in guard_ids,
-                        gm.reason,
-                    )
+            self._log_ranked(step_index, [(gm.guardrail, gm) for gm in gms], guard_ids)
         notes = list(ep.notes)
         ep.notes = []
         if ep.tracker is not None and ep.tracker.next_text() and (injected or notes):

@@ -34,6 +34,26 @@ def step_example_messages(
     return msgs
 
 
+def _step_example(
+    t: Trajectory,
+    k: int,
+    kind: ExampleKind,
+    namespace: str | None,
+    options: PromptOptions | None,
+    extra: dict[str, Any],
+) -> TrainingExample:
+    """The training example for step ``k`` of ``t`` (id, provenance and metadata every kind shares)."""
+    prefix = "sft" if kind == ExampleKind.sft else "priv"
+    return TrainingExample(
+        id=f"ex-{prefix}-{t.id}-{k}",
+        namespace=namespace or t.namespace,
+        kind=kind,
+        messages=step_example_messages(t, k, options),
+        provenance=[t.id],
+        metadata={"task_id": t.task_id, "env": t.env, "step": k, **extra},
+    )
+
+
 def _trainable(step: Step) -> bool:
     """A step worth imitating: the policy acted (no error, no fallback failure) and it was not blocked."""
     return bool(step.action.text) and not step.error and not step.post_state.info.get("guardrail_blocked")
@@ -54,19 +74,8 @@ def sft_examples(
             if not _trainable(step):
                 continue
             out.append(
-                TrainingExample(
-                    id=f"ex-sft-{t.id}-{k}",
-                    namespace=namespace or t.namespace,
-                    kind=ExampleKind.sft,
-                    messages=step_example_messages(t, k, options),
-                    provenance=[t.id],
-                    metadata={
-                        "task_id": t.task_id,
-                        "env": t.env,
-                        "policy": t.policy,
-                        "step": k,
-                        "steps": len(t.steps),
-                    },
+                _step_example(
+                    t, k, ExampleKind.sft, namespace, options, {"policy": t.policy, "steps": len(t.steps)}
                 )
             )
     return out
@@ -104,15 +113,6 @@ def privileged_examples(
         for k, step in enumerate(t.steps):
             if not step.action.text:
                 continue
-            out.append(
-                TrainingExample(
-                    id=f"ex-priv-{t.id}-{k}",
-                    namespace=namespace or t.namespace,
-                    kind=ExampleKind.privileged,
-                    messages=step_example_messages(t, k, options),
-                    privileged_context=context,
-                    provenance=[t.id],
-                    metadata={"task_id": t.task_id, "env": t.env, "success": t.success, "step": k},
-                )
-            )
+            ex = _step_example(t, k, ExampleKind.privileged, namespace, options, {"success": t.success})
+            out.append(ex.model_copy(update={"privileged_context": context}))
     return out
