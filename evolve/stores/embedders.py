@@ -51,10 +51,19 @@ class SentenceTransformerEmbedder:
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
         from sentence_transformers import SentenceTransformer
 
+        from transformers.utils import logging as hf_logging
+
+        # transformers 5 draws a "Loading weights" bar on stderr; it would stand between a user
+        # and the one-line error that may follow, and says nothing about a local file.
+        bar = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()
         try:
             self._model = SentenceTransformer(path, device=device or "cpu")
         except Exception as e:  # the library raises many types for a bad dir
             raise EmbedderError(f"could not load a sentence-transformers model from '{path}': {e}") from e
+        finally:
+            if bar:
+                hf_logging.enable_progress_bar()
         self.path = path
         self.batch_size = batch_size
         # sentence-transformers >= 5 renamed the method; older releases only have the first name.
