@@ -8,6 +8,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from evolve import __version__
@@ -52,12 +53,28 @@ def _open(path: str, namespace: str | None = None, read_only: bool = True):  # n
     if not p.exists():
         raise EvolveError(f"store '{p}' does not exist; run `evolve run` first or pass --store PATH")
     store = ExperienceStore(p, read_only=read_only, embedder=None)
-    if namespace is None:
-        nss = [n for n in store.list_namespaces() if n != "default"]
-        store.namespace = nss[0] if len(nss) == 1 else "default"
-    else:
-        store.namespace = namespace
+    try:
+        if namespace is None:
+            nss = [n for n in store.list_namespaces() if n != "default"]
+            store.namespace = nss[0] if len(nss) == 1 else "default"
+        else:
+            store._check_namespace(namespace)  # reading a namespace that is not there is a typo
+            store.namespace = namespace
+    except BaseException:
+        store.close()
+        raise
     return store
+
+
+def _namespace_name(namespace: str | None) -> str | None:
+    from evolve.config import check_namespace
+
+    if namespace is None:
+        return None
+    try:
+        return check_namespace(namespace)
+    except ValueError as e:
+        raise EvolveError(f"--namespace: {e}") from None
 
 
 @app.command()
@@ -150,7 +167,7 @@ def store_stats(store: str = StoreOpt, namespace: str | None = NsOpt) -> None:
     """Counts per table, outcomes, namespaces."""
     with _open(store, namespace) as st:
         s = st.stats()
-    t = Table(title=f"{s['path']} [{s['namespace']}]")
+    t = Table(title=escape(f"{s['path']} [{s['namespace']}]"))
     t.add_column("what")
     t.add_column("value", justify="right")
     for k, v in s.items():
@@ -165,18 +182,22 @@ def store_search(
     store: str = StoreOpt,
     namespace: str | None = NsOpt,
     kind: str = typer.Option("skill", help="trajectory | skill | guardrail"),
-    k: int = typer.Option(5, help="How many hits."),
+    k: int = typer.Option(5, min=1, max=10_000, help="How many hits."),
     mode: str = typer.Option("hybrid", help="hybrid | dense | keyword"),
 ) -> None:
     """Hybrid (dense + BM25) search within one namespace."""
     with _open(store, namespace, read_only=False) as st:
         hits = st.search(query, kind=kind, k=k, mode=mode)  # type: ignore[arg-type]
-    t = Table(title=f"{kind} hits for {query!r}")
+    t = Table(title=escape(f"{kind} hits for {query!r}"))
     for c in ("score", "dense", "bm25", "id", "text"):
         t.add_column(c)
     for h in hits:
         t.add_row(
-            f"{h.score:.4f}", f"{h.dense_score or 0:.3f}", f"{h.keyword_score or 0:.2f}", h.id, h.text[:90]
+            f"{h.score:.4f}",
+            f"{h.dense_score or 0:.3f}",
+            f"{h.keyword_score or 0:.2f}",
+            escape(h.id),
+            escape(h.text[:90]),
         )
     console.print(t)
 
@@ -204,7 +225,7 @@ def store_import(
     """Import JSON lines (validated first: all or nothing)."""
     from evolve.stores import ExperienceStore
 
-    with ExperienceStore(store, namespace=namespace or "default") as st:
+    with ExperienceStore(store, namespace=_namespace_name(namespace) or "default") as st:
         n = st.import_jsonl(src, kind)
     console.print(f"imported {n} {kind} into {store}")
 
@@ -290,7 +311,13 @@ def skills_list(
         kind = it.kind
         eff = "" if it.stats.effect is None else f"{it.stats.effect:+.2f}"
         t.add_row(
-            it.id, kind, it.status.value, str(it.version), f"{it.stats.confidence:.2f}", eff, it.text()[:80]
+            escape(it.id),
+            kind,
+            it.status.value,
+            str(it.version),
+            f"{it.stats.confidence:.2f}",
+            eff,
+            escape(it.text()[:80]),
         )
     console.print(t)
 

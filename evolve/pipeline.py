@@ -22,7 +22,7 @@ from rich.console import Console
 
 from evolve.config import JobConfig, TrainStage
 from evolve.envs import build_env
-from evolve.errors import ConfigError
+from evolve.errors import ConfigError, EvolveError
 from evolve.eval import Episodes, Memory, ProbationRunner, record_usage, task_ids
 from evolve.eval.metrics import compare
 from evolve.schema import Checkpoint, CheckpointStatus, Knowledge, Outcome, Split, TrainingExample, Trajectory
@@ -595,8 +595,10 @@ def run_job(
         enabled = [s for s in enabled if s in stages]
     run_id = run_id or cfg.name
     run_dir = cfg.run_path
+    preflight(cfg, enabled)  # before the first write: a mistake leaves the store as it was
     store = _open_store(cfg)
     result: dict[str, Any] = {"run_id": run_id, "stages": {}}
+    current: str | None = None
     try:
         if fresh:
             store.reset_stages(run_id)
@@ -612,10 +614,21 @@ def run_job(
             t0 = time.time()
             console.rule(f"[bold]{name}")
             log.info("stage %s start", name)
+            current = name
+            _forget_endpoint_failures(ctx)  # a rerun retries the episodes a failing endpoint cost
             store.set_stage(run_id, name, "running")
             data = STAGE_FNS[name](ctx)
             data["seconds"] = round(time.time() - t0, 1)
+            failed = _endpoint_failures(ctx)
+            if failed:
+                store.set_stage(run_id, name, "failed", data)
+                current = None
+                raise RunFailed(
+                    f"stage {name}: {len(failed)} episode(s) ended because the policy's model failed "
+                    f"({failed[0]}); fix the endpoint, then rerun the same command (those episodes are retried)"
+                )
             store.set_stage(run_id, name, "done", data)
+            current = None
             log.info("stage %s done %s", name, data)
             result["stages"][name] = data
             console.print(f"[green]{name} done[/] in {data['seconds']} s: {_short(data)}")
@@ -623,12 +636,121 @@ def run_job(
         report = run_dir / "report.md"
         if report.exists():
             result["report"] = str(report)
-    except BaseException:
-        store.upsert_run(run_id, cfg.model_dump(mode="json"), "failed", cfg.store.namespace)
+    except BaseException as e:
+        try:
+            if current is not None:  # a stage that raised is failed, never left at "running"
+                store.set_stage(run_id, current, "failed", {"error": f"{type(e).__name__}: {e}"[:500]})
+            store.upsert_run(run_id, cfg.model_dump(mode="json"), "failed", cfg.store.namespace)
+        except Exception:  # noqa: BLE001 - the store may be what failed; the first error is the one to see
+            log.warning("could not mark run %s failed", run_id, exc_info=True)
         raise
     finally:
         store.close()
     return result
+
+
+class RunFailed(EvolveError):
+    """A stage finished, but some of its work failed for a reason the user must fix (an endpoint)."""
+
+
+def _endpoint_errors(ctx: Ctx) -> list[Trajectory]:
+    return [
+        t
+        for t in ctx.store.trajectories(ctx.ns, run_id=ctx.run_id, outcome="error")
+        if str(t.metadata.get("error", "")).startswith("PolicyError")
+    ]
+
+
+def _endpoint_failures(ctx: Ctx) -> list[str]:
+    """The error lines of this run's episodes that ended because the policy's endpoint failed."""
+    return [str(t.metadata["error"]).removeprefix("PolicyError: ") for t in _endpoint_errors(ctx)]
+
+
+def _forget_endpoint_failures(ctx: Ctx) -> None:
+    """Delete this run's episodes that a failing endpoint ended, so they are run again."""
+    for t in _endpoint_errors(ctx):
+        ctx.store.delete_trajectory(t.id, ctx.ns)
+
+
+def preflight(cfg: JobConfig, stages: Sequence[str]) -> None:
+    """Check what can be checked before anything is written: the env and its keyword arguments,
+    the tasks of every split a stage uses, local model paths and the embedder spec."""
+    env = _check_env(cfg)
+    try:
+        splits = {
+            getattr(cfg.stages, s).split
+            for s in ("collect", "eval")
+            if s in stages and getattr(cfg.stages, s)
+        }
+        if "distill" in stages and cfg.stages.distill and cfg.stages.distill.probation.enabled:
+            splits.add(cfg.stages.distill.probation.split)
+        for split in sorted(splits):
+            if not env.tasks(Split(split)):
+                raise ConfigError(f"env '{cfg.env.name}' has no tasks in split '{split}'; check env.kwargs")
+    finally:
+        env.close()
+    for key, spec in cfg.policies.items():
+        if spec.kind == "hf" and spec.path:
+            _check_model_path(f"policies.{key}.path", spec.path)
+    tr = cfg.stages.train
+    if tr is not None and "train" in stages:
+        for where, path in (("stages.train.student", tr.student), ("stages.train.teacher", tr.teacher)):
+            if path:
+                _check_model_path(where, path)
+    emb = cfg.store.embedder
+    if emb not in ("", "default", "minilm") and not emb.startswith("hash") and not Path(emb).exists():
+        raise ConfigError(
+            f"store.embedder '{emb}' is neither default, hash[:dim] nor an existing local model directory"
+        )
+
+
+def _check_env(cfg: JobConfig) -> Any:
+    """The job's env, built once; unknown keyword arguments name the accepted ones."""
+    import importlib
+    import inspect
+
+    from evolve.envs import env_factory
+
+    name, kwargs = cfg.env.name, dict(cfg.env.kwargs)
+    if ":" in name:
+        module, _, attr = name.partition(":")
+        try:
+            factory = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as e:
+            raise ConfigError(f"env {name!r} cannot be imported: {e}") from None
+    else:
+        factory = env_factory(name)
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        params = None
+    if params is not None and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        accepted = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        bad = [k for k in kwargs if k not in accepted]
+        if bad:
+            raise ConfigError(
+                f"env.kwargs: unknown key(s) {', '.join(map(repr, bad))} for env '{name}'; "
+                f"accepted: {', '.join(accepted) or 'none'}"
+            )
+    try:
+        return factory(**kwargs)
+    except EvolveError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"env.kwargs of env '{name}' rejected: {' '.join(str(e).split())[:200]}") from None
+
+
+def _check_model_path(where: str, path: str) -> None:
+    p = Path(path)
+    if p.suffix == ".gguf" and p.is_file():
+        return
+    if not (p / "config.json").is_file():
+        what = (
+            "does not exist"
+            if not p.exists()
+            else "is not a model directory (no config.json) nor a .gguf file"
+        )
+        raise ConfigError(f"{where} '{path}' {what}; point it at a saved model")
 
 
 def adapt_job(
@@ -656,6 +778,7 @@ def adapt_job(
     if tasks < 1:
         raise ConfigError(f"--adapt needs at least one task, got {tasks}")
     run_id = run_id or cfg.name
+    preflight(cfg, ["eval"])
     store = _open_store(cfg)
     try:
         ctx = Ctx(cfg, store, run_id, console)

@@ -11,6 +11,7 @@ import asyncio
 import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, TypedDict
 
 import pytest
@@ -300,9 +301,9 @@ def test_dotted_nested_filters_follow_sqlite_store(store: EvolveStore) -> None:
     assert keys({"meta": {"kind": "y", "n": 7, "when": "2025-01-10"}}) == ["b"]
     assert keys({"meta": {"kind": "y"}}) == []  # a dict operand is equality, not a subset
     assert keys({"meta.kind": "x"}, query="gamma") == ["a", "c"]
-    with pytest.raises(ValueError, match="unsupported filter operator"):
+    with pytest.raises(ValueError, match="Unsupported operator: \\$regex"):
         store.search(("n",), filter={"meta.n": {"$regex": "7"}})
-    with pytest.raises(ValueError, match="invalid filter key"):
+    with pytest.raises(ValueError, match="Invalid filter key"):  # SqliteStore's words
         store.search(("n",), filter={"meta..n": 1})
 
 
@@ -434,6 +435,16 @@ def test_batch_is_one_transaction_and_one_embedding_call(tmp_path: Any) -> None:
         assert "k0" not in [h.key for h in s.search(("b",), query="memory 0", limit=50)]
 
 
+def test_close_closes_a_handed_store_unless_told_not_to(tmp_path: Path) -> None:
+    es = ExperienceStore(tmp_path / "a.duckdb", embedder=EMB)
+    EvolveStore(es).close()  # the README's pattern: EvolveStore(store) takes the store over
+    assert es.conn is None
+    es = ExperienceStore(tmp_path / "b.duckdb", embedder=EMB)
+    EvolveStore(es, close_store=False).close()
+    assert es.conn is not None
+    es.close()
+
+
 def test_validation_errors(store: EvolveStore) -> None:
     with pytest.raises(InvalidNamespaceError):
         store.put((), "k", {"v": 1})
@@ -441,8 +452,11 @@ def test_validation_errors(store: EvolveStore) -> None:
         store.put(("a.b",), "k", {"v": 1})
     with pytest.raises(InvalidNamespaceError):
         store.batch([PutOp(("a.b",), "k", {"v": 1})])  # ops given straight to batch are checked too
-    with pytest.raises(InvalidNamespaceError):
-        store.batch([PutOp(("langgraph",), "k", {"v": 1})])
+    with pytest.raises(InvalidNamespaceError, match="langgraph"):
+        store.put(("langgraph",), "k", {"v": 1})  # refused by the public put, as LangGraph's stores
+    # ...but accepted through batch, as InMemoryStore and SqliteStore accept it there.
+    store.batch([PutOp(("langgraph",), "k", {"v": 1})])
+    assert store.get(("langgraph",), "k").value == {"v": 1}
     with pytest.raises(InvalidNamespaceError, match="tuple of strings"):
         store.search("docs")
     with pytest.raises(InvalidNamespaceError):

@@ -827,14 +827,50 @@ def test_store_locked_by_another_process(tmp_path: Path) -> None:
     holder = subprocess.Popen([sys.executable, "-c", HOLD, str(path)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "ready"
-        with pytest.raises(StoreError, match="open in another process") as e:
+        with pytest.raises(StoreError, match=f"in use by pid {holder.pid}") as e:
             open_store(path)
         one_line_error(e)
+        with pytest.raises(StoreError, match=f"in use by pid {holder.pid} \\(waited 0.3 s\\)"):
+            open_store(path, lock_timeout_s=0.3)
     finally:
         holder.kill()
         holder.wait()
     with open_store(path) as s:
         assert [k.id for k in s.skills()] == ["skill-default-0"]
+
+
+WRITER = """
+import sys
+sys.path.insert(0, sys.argv[3])
+from test_store import make_skill, open_store
+w = int(sys.argv[2])
+for i in range(12):
+    # Open, write, close: the file is free between writes, so the other writer gets its turn.
+    with open_store(sys.argv[1], lock_timeout_s=120) as s:
+        s.upsert_skills([make_skill(100 * w + i)])
+print("done", flush=True)
+"""
+
+
+def test_two_processes_writing_one_store_wait_for_each_other(tmp_path: Path) -> None:
+    """Two writers on one file: each open waits (lock_timeout_s) while the other holds it; no write is lost."""
+    path = tmp_path / "s.duckdb"
+    open_store(path).close()
+    tests_dir = str(Path(__file__).resolve().parent)
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", WRITER, str(path), str(w), tests_dir],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for w in (1, 2)
+    ]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
+    with open_store(path) as s:
+        got = sorted(k.id for k in s.skills())
+    assert got == sorted(f"skill-default-{100 * w + i}" for w in (1, 2) for i in range(12))
 
 
 def test_newer_schema_version_is_refused(tmp_path: Path) -> None:

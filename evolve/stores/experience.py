@@ -18,7 +18,10 @@ search needs them, so ingest never waits on a model and never calls an LLM.
 
 from __future__ import annotations
 
+import json
+import re
 import threading
+import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime
@@ -57,6 +60,7 @@ from evolve.stores.trajectories import Trajectories
 from evolve.stores.vector_index import HNSW_THRESHOLD, VectorIndex
 
 APP_ID = "evolve-experience-store"
+_LOCK_PID = re.compile(r"\(PID (\d+)\)")
 DEFAULT_NAMESPACE = "default"
 # Commits per database file in this process; a store's caches are valid for one generation.
 _GENERATIONS: dict[str, int] = {}
@@ -81,8 +85,11 @@ class ExperienceStore:
         read_only: bool = False,
         hnsw_threshold: int = HNSW_THRESHOLD,
         reranker: Reranker | None = None,
+        lock_timeout_s: float = 0.0,
     ):
         self.path = str(path)
+        self.lock_timeout_s = lock_timeout_s
+        """How long to wait for another process that has the file open (DuckDB admits one writer)."""
         self.namespace = namespace
         self._embedder = embedder
         self.read_only = read_only
@@ -122,22 +129,32 @@ class ExperienceStore:
             if self.read_only and not p.exists():
                 raise StoreError(f"store '{p}' does not exist; run a collect stage first or check the path")
             p.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            return duckdb.connect(self.path, read_only=self.read_only)
-        except duckdb.IOException as e:
-            msg = str(e).splitlines()[0]
-            if "lock" in msg.lower():
+        deadline = time.monotonic() + max(0.0, self.lock_timeout_s)
+        while True:
+            try:
+                return duckdb.connect(self.path, read_only=self.read_only)
+            except duckdb.IOException as e:
+                msg = str(e).splitlines()[0]
+                if "lock" not in msg.lower():
+                    raise StoreError(
+                        f"'{self.path}' is not a readable DuckDB file ({msg}); "
+                        "point to an evolve store or a new path"
+                    ) from None
+                if time.monotonic() < deadline:
+                    time.sleep(0.05)
+                    continue
+                pid = _LOCK_PID.search(msg)
+                who = f"pid {pid.group(1)}" if pid else "another process"
+                waited = f" (waited {self.lock_timeout_s:g} s)" if self.lock_timeout_s > 0 else ""
                 raise StoreError(
-                    f"store '{self.path}' is open in another process; close it or use another store path"
+                    f"store '{self.path}' is in use by {who}{waited}; let it finish, wait longer "
+                    "(lock_timeout_s), or use another store path"
                 ) from None
-            raise StoreError(
-                f"'{self.path}' is not a readable DuckDB file ({msg}); point to an evolve store or a new path"
-            ) from None
-        except duckdb.Error as e:
-            raise StoreError(
-                f"'{self.path}' could not be opened as a DuckDB database ({str(e).splitlines()[0]}); "
-                "point to an evolve store or a new path"
-            ) from None
+            except duckdb.Error as e:
+                raise StoreError(
+                    f"'{self.path}' could not be opened as a DuckDB database ({str(e).splitlines()[0]}); "
+                    "point to an evolve store or a new path"
+                ) from None
 
     def _init_schema(self) -> None:
         tables = {
@@ -497,19 +514,34 @@ class ExperienceStore:
         p = Path(path)
         if not p.exists():
             raise StoreError(f"no such file '{p}'")
+        if not p.is_file():
+            raise StoreError(f"'{p}' is not a file (a directory?); give a JSON-lines file")
         items = []
-        with p.open() as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    items.append(models[kind].model_validate_json(line))
-                except ValidationError as e:
-                    err = e.errors()[0]
-                    loc = ".".join(str(x) for x in err["loc"]) or "(root)"
-                    raise StoreError(
-                        f"{p}:{n}: invalid {_SINGULAR[kind]} at '{loc}': {err['msg']}; nothing imported"
-                    ) from None
+        n = 0
+        try:
+            with p.open(encoding="utf-8") as f:
+                for n, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        json.loads(line, parse_constant=_no_constant)  # NaN / Infinity: not JSON
+                        items.append(models[kind].model_validate_json(line))
+                    except ValidationError as e:
+                        err = e.errors()[0]
+                        loc = ".".join(str(x) for x in err["loc"]) or "(root)"
+                        raise StoreError(
+                            f"{p}:{n}: invalid {_SINGULAR[kind]} at '{loc}': {err['msg']}; nothing imported"
+                        ) from None
+                    except ValueError as e:  # json.JSONDecodeError and the constants
+                        raise StoreError(
+                            f"{p}:{n}: not a JSON {_SINGULAR[kind]} ({e}); nothing imported"
+                        ) from None
+        except UnicodeDecodeError as e:
+            raise StoreError(
+                f"{p}:{n + 1}: not UTF-8 text (byte {e.start} of the line); nothing imported"
+            ) from None
+        except OSError as e:
+            raise StoreError(f"'{p}' cannot be read ({e.strerror}); nothing imported") from None
         {
             "trajectories": self.add_trajectories,
             "skills": self.upsert_skills,
@@ -594,6 +626,10 @@ class ExperienceStore:
     def rebuild_index(self, kinds: Iterable[str] | None = None) -> dict[str, int]:
         """Re-derive the FAISS indexes from DuckDB (embedding any rows that lack vectors)."""
         return self._vectors.rebuild(kinds)
+
+
+def _no_constant(name: str) -> float:
+    raise ValueError(f"{name} is not a number JSON allows; write a finite number or null")
 
 
 class _Txn:

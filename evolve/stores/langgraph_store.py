@@ -148,7 +148,7 @@ class _Embedding:
 def _pointer(key: Any) -> str:
     """A dotted filter key as a JSON pointer (``meta.kind`` -> ``/meta/kind``), bound as a parameter."""
     if not isinstance(key, str) or not key or any(not seg for seg in key.split(".")):
-        raise ValueError(f"invalid filter key {key!r}: use a field name or a dotted path like 'meta.kind'")
+        raise ValueError(f"Invalid filter key: {key!r}. Use a field name or a dotted path like 'meta.kind'.")
     return "".join("/" + seg.replace("~", "~0").replace("/", "~1") for seg in key.split("."))
 
 
@@ -257,7 +257,7 @@ def matches(value: Mapping[str, Any], filter: Mapping[str, Any] | None) -> bool:
                     n = _num(x)
                     ok = n is not None and fn(n, float(v))
             else:
-                raise ValueError(f"unsupported filter operator {op!r}; use $eq, $ne, $gt, $gte, $lt, $lte")
+                raise ValueError(f"Unsupported operator: {op}. Use $eq, $ne, $gt, $gte, $lt or $lte.")
             if not ok:
                 return False
     return True
@@ -292,7 +292,7 @@ def _compile_filter(filter: Mapping[str, Any] | None) -> tuple[list[str], list[A
                 _check_comparable(op, v, key)
                 c, p = sql.cmp(_CMP[op][0], v)
             else:
-                raise ValueError(f"unsupported filter operator {op!r}; use $eq, $ne, $gt, $gte, $lt, $lte")
+                raise ValueError(f"Unsupported operator: {op}. Use $eq, $ne, $gt, $gte, $lt or $lte.")
             conds.append(c)
             params.extend(p)
     return conds, params, residual
@@ -392,10 +392,11 @@ class EvolveStore(BaseStore):
         path: str | Path | None = None,
         index: IndexConfig | None = None,
         exact_search_limit: int = EXACT_FILTER_LIMIT,
+        close_store: bool = True,
     ) -> None:
         if store is not None and path is not None:
             raise ValueError("give either an ExperienceStore or a path, not both")
-        self._owned = store is None
+        self._owned = store is None or close_store
         self.store = store if store is not None else ExperienceStore(path if path is not None else ":memory:")
         self.index_config = dict(index) if index is not None else None
         self._embedding: _Embedding | None = None
@@ -428,7 +429,8 @@ class EvolveStore(BaseStore):
 
     # ------------------------------------------------------------------ lifecycle
     def close(self) -> None:
-        """Close the ExperienceStore if this object opened it."""
+        """Close the ExperienceStore (also one it was handed: ``EvolveStore(store)`` then owns it,
+        as in ``graph.compile(store=EvolveStore(store))``), unless built with ``close_store=False``."""
         if self._owned:
             self.store.close()
 
@@ -511,8 +513,8 @@ class EvolveStore(BaseStore):
             return _Put(ns, key, None, None, [])
         if not ns:
             raise InvalidNamespaceError("Namespace cannot be empty.")
-        if ns[0] == "langgraph":
-            raise InvalidNamespaceError(f'Root label for namespace cannot be "langgraph". Got: {ns}')
+        # A "langgraph" root label is refused by BaseStore.put/aput only; LangGraph's own stores
+        # accept it through batch (LangGraph writes there itself), and so does this one.
         if not isinstance(op.value, Mapping):
             raise ValueError(f"value of {ns}/{key!r} must be a dict, got {type(op.value).__name__}")
         value = dict(op.value)
