@@ -156,17 +156,30 @@ class ExperienceStore:
                     "point to an evolve store or a new path"
                 ) from None
 
-    def _init_schema(self) -> None:
-        tables = {
-            r[0] for r in self.conn.execute("SELECT table_name FROM information_schema.tables").fetchall()
-        }
-        if tables and "evolve_meta" not in tables:
+    def _read_meta(self) -> dict[str, str] | None:
+        """``evolve_meta`` as a dict; None when the file has no such table (new, or not ours)."""
+        try:
+            return dict(self.conn.execute("SELECT key, value FROM evolve_meta").fetchall())
+        except duckdb.CatalogException:
+            return None
+        except duckdb.Error as e:  # a table of that name with other columns: not ours
             raise StoreError(
-                f"'{self.path}' is a DuckDB database but not an evolve store (tables: "
-                f"{', '.join(sorted(tables)[:5])}); use a new path so nothing of it is touched"
-            )
-        if "evolve_meta" in tables:
-            meta = dict(self.conn.execute("SELECT key, value FROM evolve_meta").fetchall())
+                f"'{self.path}' has an evolve_meta table of another application ({str(e).splitlines()[0]}); "
+                "use a new path"
+            ) from None
+
+    def _init_schema(self) -> None:
+        meta = self._read_meta()
+        if meta is None:
+            tables = {
+                r[0] for r in self.conn.execute("SELECT table_name FROM information_schema.tables").fetchall()
+            }
+            if tables:
+                raise StoreError(
+                    f"'{self.path}' is a DuckDB database but not an evolve store (tables: "
+                    f"{', '.join(sorted(tables)[:5])}); use a new path so nothing of it is touched"
+                )
+        else:
             if meta.get("app") != APP_ID:
                 raise StoreError(
                     f"'{self.path}' has an evolve_meta table of another application; use a new path"
@@ -177,7 +190,9 @@ class ExperienceStore:
                     f"store '{self.path}' was written by a newer evolve (schema {version} > "
                     f"{STORE_SCHEMA_VERSION}); upgrade evolve-agents"
                 )
-            if not self.read_only:
+            # The same version and table specs as this code: nothing to check (the fast path).
+            current = version == STORE_SCHEMA_VERSION and meta.get("schema_hash") == T.SCHEMA_HASH
+            if not self.read_only and not current:
                 self._migrate(version)
                 version = STORE_SCHEMA_VERSION
             # A read-only store stays as it is; the parts read what an older schema lacks as empty.
@@ -189,7 +204,11 @@ class ExperienceStore:
             T.create_all(self.conn)
             self.conn.executemany(
                 "INSERT INTO evolve_meta VALUES (?, ?)",
-                [("app", APP_ID), ("schema_version", str(STORE_SCHEMA_VERSION))],
+                [
+                    ("app", APP_ID),
+                    ("schema_version", str(STORE_SCHEMA_VERSION)),
+                    ("schema_hash", T.SCHEMA_HASH),
+                ],
             )
             self._ensure_namespace(DEFAULT_NAMESPACE)
         self.schema_version = STORE_SCHEMA_VERSION
@@ -205,11 +224,10 @@ class ExperienceStore:
         """
         with self.transaction():
             T.migrate(self.conn)
-            if version != STORE_SCHEMA_VERSION:
-                self.conn.execute(
-                    "INSERT OR REPLACE INTO evolve_meta VALUES ('schema_version', ?)",
-                    [str(STORE_SCHEMA_VERSION)],
-                )
+            self.conn.executemany(
+                "INSERT OR REPLACE INTO evolve_meta VALUES (?, ?)",
+                [("schema_version", str(STORE_SCHEMA_VERSION)), ("schema_hash", T.SCHEMA_HASH)],
+            )
 
     def close(self) -> None:
         with self._lock:

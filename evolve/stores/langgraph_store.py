@@ -19,6 +19,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import duckdb
 import numpy as np
 import pyarrow as pa
 from langchain_core.embeddings import Embeddings
@@ -70,6 +71,8 @@ _CMP: dict[str, tuple[str, Callable[[Any, Any], bool]]] = {
     "$lte": ("<=", operator.le),
 }
 _MISSING = object()
+_SMALL_BATCH = 16
+"""Puts in one batch up to which rows are written with parameters, not through Arrow."""
 
 
 # ---------------------------------------------------------------------------------- embeddings
@@ -415,15 +418,15 @@ class EvolveStore(BaseStore):
         self._init_table()
 
     def _init_table(self) -> None:
-        if self.store.read_only:
-            found = self.store.conn.execute(
-                "SELECT 1 FROM information_schema.tables WHERE table_name = ?", [TABLE]
-            ).fetchall()
-            if not found:
-                raise StoreError(
-                    f"store '{self.store.path}' has no LangGraph items (table {TABLE}); open it writable once"
-                )
+        try:  # the common case, an existing table: one cheap read, no write transaction
+            self.store.conn.execute(f"SELECT 1 FROM {TABLE} LIMIT 0").fetchall()
             return
+        except duckdb.CatalogException:
+            pass
+        if self.store.read_only:
+            raise StoreError(
+                f"store '{self.store.path}' has no LangGraph items (table {TABLE}); open it writable once"
+            )
         with self.store.transaction():
             self.store.conn.execute(_DDL)
 
@@ -537,10 +540,12 @@ class EvolveStore(BaseStore):
 
     # ------------------------------------------------------------------ execution (database)
     @contextmanager
-    def _session(self) -> Iterator[None]:
+    def _session(self, writes: bool = True) -> Iterator[None]:
         # One transaction gives the batch's reads one snapshot and makes its writes atomic. A
-        # read-only store cannot begin one, so its batches only take the store's lock.
-        if self.store.read_only:
+        # read-only store cannot begin one, so its batches only take the store's lock; so do
+        # batches that only read (under the lock no other thread writes between their statements,
+        # and DuckDB admits no other writing process), which saves a BEGIN/COMMIT per get or search.
+        if self.store.read_only or not writes:
             with self.store.locked():
                 yield
         else:
@@ -557,7 +562,7 @@ class EvolveStore(BaseStore):
     ) -> list[Result]:
         results: list[Result] = [None] * plan.n
         qvec = dict(zip(queries, qv)) if qv is not None else {}
-        with self._session():
+        with self._session(writes=bool(plan.puts)):
             self._run_gets(plan.gets, results)
             for i, s in plan.searches:
                 results[i] = self._search(s, qvec.get(s.query) if s.query else None)
@@ -614,7 +619,7 @@ class EvolveStore(BaseStore):
         if not ranked:
             return []
         rows = self._rows(
-            f"SELECT i.ref_id, {_COLS} FROM {TABLE} i WHERE i.ref_id IN (SELECT unnest(?::VARCHAR[]))",
+            f"SELECT i.ref_id, {_COLS} FROM {TABLE} i WHERE list_contains(?::VARCHAR[], i.ref_id)",
             [[r for r, _ in ranked]],
         )
         by_ref = {r[0]: r[1:] for r in rows}
@@ -626,19 +631,41 @@ class EvolveStore(BaseStore):
         if want == 0:
             return []
         conn = self.store.conn
-        value_col = ", i.value" if s.residual else ""
-        cand = conn.execute(
-            f"""SELECT v.vid, v.ref_id{value_col} FROM vectors v JOIN {TABLE} i ON i.ref_id = v.ref_id
-                WHERE v.kind = ? AND {where}""",
-            [KIND, *params],
-        ).fetchall()
+        if not s.conds and not s.residual:
+            # Scoped by prefix alone: vectors.namespace is "lg:" + the item's prefix, so no join
+            # with the items is needed (a join costs DuckDB several ms even on a few rows).
+            scope, sp = "", []
+            if s.prefix:
+                scope, sp = (
+                    " AND (namespace = ? OR starts_with(namespace, ?))",
+                    [f"lg:{s.prefix}", f"lg:{s.prefix}."],
+                )
+            cand = conn.execute(
+                f"SELECT vid, ref_id FROM vectors WHERE kind = ?{scope}", [KIND, *sp]
+            ).fetchall()
+        else:
+            value_col = ", i.value" if s.residual else ""
+            cand = conn.execute(
+                f"""SELECT v.vid, v.ref_id{value_col} FROM vectors v JOIN {TABLE} i ON i.ref_id = v.ref_id
+                    WHERE v.kind = ? AND {where}""",
+                [KIND, *params],
+            ).fetchall()
         if s.residual:
             cand = [c for c in cand if matches(json.loads(c[2]), s.residual)]
         if not cand:
             return []
         ref_of = {int(c[0]): c[1] for c in cand}
         vids = np.fromiter(ref_of, dtype=np.int64, count=len(ref_of))
-        if len(vids) <= self.exact_search_limit:
+        if len(vids) <= min(256, self.exact_search_limit):  # a few rows: plain rows beat an Arrow relation
+            got_rows = conn.execute(
+                "SELECT vid, vec FROM vectors WHERE kind = ? AND list_contains(?::BIGINT[], vid)",
+                [KIND, vids.tolist()],
+            ).fetchall()
+            got = np.array([r[0] for r in got_rows], dtype=np.int64)
+            scores = np.array([r[1] for r in got_rows], dtype=np.float32).reshape(len(got), -1) @ qvec
+            order = np.argsort(-scores, kind="stable")
+            hits = [(int(got[j]), float(scores[j])) for j in order]
+        elif len(vids) <= self.exact_search_limit:
             tbl = conn.sql(  # sql(), not execute(): Arrow from a relation is not copied twice
                 "SELECT vid, vec FROM vectors WHERE kind = ? AND vid IN (SELECT unnest(?::BIGINT[]))",
                 params=[KIND, vids.tolist()],
@@ -704,33 +731,67 @@ class EvolveStore(BaseStore):
             )
         if ups:
             seq0 = int(conn.execute(f"SELECT coalesce(max(seq), 0) FROM {TABLE}").fetchall()[0][0])
-            tbl = pa.table(
-                {
-                    "prefix": pa.array([_prefix(p.ns) for p in ups], pa.string()),
-                    "namespace": pa.array([list(p.ns) for p in ups], pa.list_(pa.string())),
-                    "key": pa.array([p.key for p in ups], pa.string()),
-                    "ref_id": pa.array([_ref_id(_prefix(p.ns), p.key) for p in ups], pa.string()),
-                    "value": pa.array([p.value for p in ups], pa.string()),
-                    "index_spec": pa.array([p.index_spec for p in ups], pa.string()),
-                    "ts": pa.array([now] * len(ups), pa.timestamp("us")),
-                    "seq": pa.array(range(seq0 + 1, seq0 + 1 + len(ups)), pa.int64()),
-                }
-            )
-            conn.register("_lg_put", tbl)
-            try:
-                conn.execute(
-                    f"""INSERT INTO {TABLE}
-                        SELECT prefix, namespace, key, ref_id, value::JSON, index_spec::JSON, ts, ts, seq FROM _lg_put
-                        ON CONFLICT (prefix, key) DO UPDATE SET value = excluded.value,
-                            index_spec = excluded.index_spec, updated_at = excluded.updated_at, seq = excluded.seq"""
-                )
-            finally:
-                conn.unregister("_lg_put")
+            if len(ups) <= _SMALL_BATCH:
+                self._write_small(ups, seq0, now)
+            else:
+                self._write_bulk(ups, seq0, now)
         rows = [(_ref_id(_prefix(p.ns), p.key), "lg:" + _prefix(p.ns), t) for p in ups for t in p.texts]
         if rows:
             assert self._embedding is not None
             vecs = np.stack([vec_of[t] for _, _, t in rows])
             self.store.add_vectors(KIND, rows, vecs, model=self._embedding.name)
+
+    def _write_small(self, ups: list[_Put], seq0: int, now: datetime) -> None:
+        """A few puts: UPDATE, else INSERT, each with parameters (DuckDB's ON CONFLICT costs
+        several ms per statement, more than the whole rest of a one-item put)."""
+        conn = self.store.conn
+        for j, p in enumerate(ups, 1):
+            prefix = _prefix(p.ns)
+            found = conn.execute(
+                f"""UPDATE {TABLE} SET value = ?::JSON, index_spec = ?::JSON, updated_at = ?, seq = ?
+                    WHERE prefix = ? AND key = ? RETURNING 1""",
+                [p.value, p.index_spec, now, seq0 + j, prefix, p.key],
+            ).fetchall()
+            if not found:
+                conn.execute(
+                    f"INSERT INTO {TABLE} VALUES (?, ?, ?, ?, ?::JSON, ?::JSON, ?, ?, ?)",
+                    [
+                        prefix,
+                        list(p.ns),
+                        p.key,
+                        _ref_id(prefix, p.key),
+                        p.value,
+                        p.index_spec,
+                        now,
+                        now,
+                        seq0 + j,
+                    ],
+                )
+
+    def _write_bulk(self, ups: list[_Put], seq0: int, now: datetime) -> None:
+        conn = self.store.conn
+        tbl = pa.table(
+            {
+                "prefix": pa.array([_prefix(p.ns) for p in ups], pa.string()),
+                "namespace": pa.array([list(p.ns) for p in ups], pa.list_(pa.string())),
+                "key": pa.array([p.key for p in ups], pa.string()),
+                "ref_id": pa.array([_ref_id(_prefix(p.ns), p.key) for p in ups], pa.string()),
+                "value": pa.array([p.value for p in ups], pa.string()),
+                "index_spec": pa.array([p.index_spec for p in ups], pa.string()),
+                "ts": pa.array([now] * len(ups), pa.timestamp("us")),
+                "seq": pa.array(range(seq0 + 1, seq0 + 1 + len(ups)), pa.int64()),
+            }
+        )
+        conn.register("_lg_put", tbl)
+        try:
+            conn.execute(
+                f"""INSERT INTO {TABLE}
+                    SELECT prefix, namespace, key, ref_id, value::JSON, index_spec::JSON, ts, ts, seq FROM _lg_put
+                    ON CONFLICT (prefix, key) DO UPDATE SET value = excluded.value,
+                        index_spec = excluded.index_spec, updated_at = excluded.updated_at, seq = excluded.seq"""
+            )
+        finally:
+            conn.unregister("_lg_put")
 
     # ------------------------------------------------------------------ embedder changes
     def _check_model(self) -> None:

@@ -57,6 +57,20 @@ class VectorSearch(Part):
         n = len(rows)
         if n == 0:
             return
+        if n <= 8:
+            with self.store.transaction():
+                # A few rows: parameters, one statement each (Arrow's setup costs more than this).
+                self.conn.execute(
+                    "DELETE FROM vectors WHERE kind = ? AND list_contains(?::VARCHAR[], ref_id)",
+                    [kind, list(dict.fromkeys(r[0] for r in rows))],
+                )
+                for (ref_id, ns, text), vec in zip(rows, vecs):
+                    self.conn.execute(
+                        "INSERT INTO vectors VALUES (nextval('vid_seq'), ?, ?, ?, ?, ?, ?::FLOAT[])",
+                        [kind, ref_id, ns, model, text, vec.tolist()],
+                    )
+            self.invalidate(kind)
+            return
         with self.store.transaction():
             # The drawn values themselves, not min()+arange: another connection may draw concurrently.
             vids = np.sort(
