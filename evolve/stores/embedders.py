@@ -50,7 +50,6 @@ class SentenceTransformerEmbedder:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
         from sentence_transformers import SentenceTransformer
-
         from transformers.utils import logging as hf_logging
 
         # transformers 5 draws a "Loading weights" bar on stderr; it would stand between a user
