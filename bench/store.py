@@ -22,6 +22,15 @@ filtered   The 100k vectors spread over 2 and over 10 namespaces; searched withi
 langgraph  LangGraph ``InMemoryStore`` holding the same 100k vectors (its embed function is a dict
            lookup of the precomputed vectors, so only search is timed) vs ``search_vector`` with the
            same query vectors.
+small      LangGraph ``BaseStore`` small operations, ``EvolveStore`` beside LangGraph's ``SqliteStore``
+           (with sqlite-vec), interleaved round by round, the same embed function for both (384-d
+           feature hashing): open a store on a new file, put one item, get it, search for it, close;
+           the same on reopening a file that holds it; and single ops on an open store of 1,000
+           items. ``duckdb.connect`` / ``sqlite3.connect`` alone are timed too (the floor of "open").
+           Needs ``pip install langgraph-checkpoint-sqlite sqlite-vec pysqlite3-binary`` (the
+           stdlib sqlite3 of some Python builds cannot load extensions).
+
+    python bench/store.py --only small,ingest  # the sections of issue 17
 """
 
 from __future__ import annotations
@@ -36,6 +45,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -429,6 +439,136 @@ def _puts(keys: list[str]) -> list[object]:
     return [PutOp(("docs",), k, {"text": k}) for k in keys]
 
 
+# --------------------------------------------------------------------------- small operations
+
+
+def _sqlite_module() -> Any:
+    """An sqlite3 module that can load sqlite-vec (the stdlib one of some builds cannot)."""
+    try:
+        import pysqlite3.dbapi2 as sqlite  # type: ignore[import-not-found]
+    except ImportError:
+        import sqlite3 as sqlite
+    return sqlite
+
+
+def _small_stores(
+    embed: Callable[[list[str]], list[list[float]]], dims: int
+) -> dict[str, Callable[[Path], Any]]:
+    """``name -> open(path) -> (store, close)`` for the stores compared."""
+    from langgraph.store.sqlite import SqliteStore
+
+    from evolve.stores.langgraph_store import EvolveStore
+
+    index = {"dims": dims, "embed": embed, "fields": ["text"]}
+    sqlite = _sqlite_module()
+
+    def open_sqlite(path: Path) -> tuple[Any, Callable[[], None]]:
+        # What SqliteStore.from_conn_string does, with a connection that can load sqlite-vec.
+        conn = sqlite.connect(str(path), check_same_thread=False, isolation_level=None)
+        st = SqliteStore(conn, index=index)  # type: ignore[arg-type]
+        st.setup()
+        return st, conn.close
+
+    def open_evolve(path: Path) -> tuple[Any, Callable[[], None]]:
+        st = EvolveStore(path=path, index=index)  # type: ignore[arg-type]
+        return st, st.close
+
+    return {"SqliteStore": open_sqlite, "EvolveStore": open_evolve}
+
+
+def bench_small_ops(workdir: Path, rounds: int, n_items: int = 1000, n_ops: int = 100) -> list[list[object]]:
+    """Medians in ms of open / put / get / search / close, the two stores interleaved round by round."""
+    import duckdb
+
+    emb = HashingEmbedder(DIM)
+
+    def embed(texts: list[str]) -> list[list[float]]:
+        return emb.embed(list(texts)).tolist()
+
+    stores = _small_stores(embed, DIM)
+    ops = ("open", "put", "get", "search", "close")
+    times: dict[tuple[str, str], dict[str, list[float]]] = {}
+
+    def one_round(name: str, mode: str, path: Path) -> None:
+        t = times.setdefault((name, mode), {op: [] for op in ops})
+        t0 = time.perf_counter()
+        st, close = stores[name](path)
+        t1 = time.perf_counter()
+        st.put(("users", "u1"), "pref", {"text": "likes green tea in the morning"})
+        t2 = time.perf_counter()
+        got = st.get(("users", "u1"), "pref")
+        t3 = time.perf_counter()
+        hits = st.search(("users",), query="green tea", limit=10)
+        t4 = time.perf_counter()
+        close()
+        t5 = time.perf_counter()
+        assert got is not None and hits and hits[0].key == "pref", (name, hits)
+        for op, dt in zip(ops, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)):
+            t[op].append(dt * 1e3)
+
+    for name in stores:  # warm-up: imports, sqlite-vec loading, first DuckDB instance
+        one_round(name, "warm-up", workdir / f"small-warm-{name}.db")
+    floor: dict[str, list[float]] = {"duckdb.connect + close": [], "sqlite3.connect + close": []}
+    sqlite = _sqlite_module()
+    for r in range(rounds):
+        for name in stores:
+            one_round(name, "new file", workdir / f"small-{r}-{name}.db")
+        for name in stores:
+            one_round(name, "reopen", workdir / f"small-{r}-{name}.db")
+        t0 = time.perf_counter()
+        duckdb.connect(str(workdir / f"floor-{r}.duckdb")).close()
+        floor["duckdb.connect + close"].append((time.perf_counter() - t0) * 1e3)
+        t0 = time.perf_counter()
+        sqlite.connect(str(workdir / f"floor-{r}.sqlite")).close()
+        floor["sqlite3.connect + close"].append((time.perf_counter() - t0) * 1e3)
+
+    rows: list[list[object]] = []
+    for mode in ("new file", "reopen"):
+        base = None
+        for name in stores:
+            med = {op: float(np.median(v)) for op, v in times[(name, mode)].items()}
+            four = med["open"] + med["put"] + med["get"] + med["search"]
+            base = four if base is None else base
+            rows.append([f"{name}, {mode}", *(med[op] for op in ops), four, four / base])
+    for what, v in floor.items():
+        rows.append([what, float(np.median(v)), None, None, None, None, None, None])
+
+    # Single operations on an open store that holds n_items.
+    for name in stores:
+        st, close = stores[name](workdir / f"steady-{name}.db")
+        from langgraph.store.base import PutOp
+
+        st.batch(
+            [
+                PutOp(("users", f"u{i % 10}"), f"k{i}", {"text": f"memory number {i} about tea"})
+                for i in range(n_items)
+            ]
+        )
+        lat: dict[str, list[float]] = {"put": [], "get": [], "search": []}
+        for i in range(n_ops):
+            t0 = time.perf_counter()
+            st.put(("users", "u1"), f"new{i}", {"text": f"a new memory {i}"})
+            t1 = time.perf_counter()
+            st.get(("users", "u1"), f"k{i}")
+            t2 = time.perf_counter()
+            st.search(("users", "u1"), query="tea", limit=10)
+            t3 = time.perf_counter()
+            for op, dt in zip(lat, (t1 - t0, t2 - t1, t3 - t2)):
+                lat[op].append(dt * 1e3)
+        close()
+        rows.append(
+            [
+                f"{name}, open, {n_items:,} items",
+                None,
+                *(float(np.median(v)) for v in lat.values()),
+                None,
+                None,
+                None,
+            ]
+        )
+    return rows
+
+
 def machine() -> str:
     cpu = "?"
     try:
@@ -445,6 +585,10 @@ def machine() -> str:
     )
 
 
+class _Done(Exception):
+    """The sections asked for (``--only``) are done."""
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="10000,100000,1000000", help="comma-separated vector counts")
@@ -458,6 +602,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--hard", action="store_true", help="isotropic clusters, no sub-clusters (see Mixture)")
     ap.add_argument("--no-ingest", action="store_true")
     ap.add_argument("--md", type=Path, help="also write the markdown tables to this file")
+    ap.add_argument(
+        "--only",
+        default="",
+        help="comma-separated sections to run: ingest, small, dense (dense = dense+filtered+langgraph)",
+    )
+    ap.add_argument("--rounds", type=int, default=30, help="rounds of the small-operations section")
     ap.add_argument("--workdir", type=Path, help="where the stores go (default: a temporary directory)")
     args = ap.parse_args(argv)
     sizes = [10_000] if args.quick else [int(x) for x in args.sizes.split(",") if x]
@@ -468,8 +618,28 @@ def main(argv: list[str] | None = None) -> None:
     header = f"Machine: {machine()}"
     print(header, flush=True)
     md = [header]
+    only = {x.strip() for x in args.only.split(",") if x.strip()}
     try:
-        if not args.no_ingest:
+        if "small" in only or not only:
+            small = bench_small_ops(work, 5 if args.quick else args.rounds)
+            md.append(
+                print_table(
+                    "LangGraph small operations, ms (medians; EvolveStore beside SqliteStore, interleaved)",
+                    [
+                        "store",
+                        "open",
+                        "put",
+                        "get",
+                        "search",
+                        "close",
+                        "open+put+get+search",
+                        "x SqliteStore",
+                    ],
+                    small,
+                    caption="Target: open + put + get + search of one item within 2x SqliteStore's time.",
+                )
+            )
+        if not args.no_ingest and ("ingest" in only or not only):
             ingest = bench_ingest(work, n_episodes, args.batch, n_naive=min(200, n_episodes), n_rows=2000)
             md.append(
                 print_table(
@@ -479,6 +649,8 @@ def main(argv: list[str] | None = None) -> None:
                     caption="Target: >= 50k steps/s batched.",
                 )
             )
+        if only and "dense" not in only:
+            raise _Done
         dense = bench_dense(work, sizes, n_queries, args.hard)
         md.append(
             print_table(
@@ -519,6 +691,8 @@ def main(argv: list[str] | None = None) -> None:
                     caption="Target: >= 10x InMemoryStore at 100k.",
                 )
             )
+    except _Done:
+        pass
     finally:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)

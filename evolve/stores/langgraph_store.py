@@ -73,6 +73,9 @@ _CMP: dict[str, tuple[str, Callable[[Any, Any], bool]]] = {
 _MISSING = object()
 _SMALL_BATCH = 16
 """Puts in one batch up to which rows are written with parameters, not through Arrow."""
+_FEW = 256
+"""Vectors in a search's scope up to which one query fetches them with their exact scores."""
+"""Puts in one batch up to which rows are written with parameters, not through Arrow."""
 
 
 # ---------------------------------------------------------------------------------- embeddings
@@ -631,17 +634,25 @@ class EvolveStore(BaseStore):
         if want == 0:
             return []
         conn = self.store.conn
-        if not s.conds and not s.residual:
+        simple = not s.conds and not s.residual
+        scope, scope_params = "", []
+        if simple:
             # Scoped by prefix alone: vectors.namespace is "lg:" + the item's prefix, so no join
             # with the items is needed (a join costs DuckDB several ms even on a few rows).
-            scope, sp = "", []
             if s.prefix:
-                scope, sp = (
-                    " AND (namespace = ? OR starts_with(namespace, ?))",
-                    [f"lg:{s.prefix}", f"lg:{s.prefix}."],
-                )
+                scope = " AND (namespace = ? OR starts_with(namespace, ?))"
+                scope_params = [f"lg:{s.prefix}", f"lg:{s.prefix}."]
+            if self.exact_search_limit >= _FEW:
+                # Few vectors in scope (the common case): candidates and exact scores in one query.
+                few = conn.execute(
+                    f"SELECT vid, ref_id, list_inner_product(vec, ?::FLOAT[]) FROM vectors "
+                    f"WHERE kind = ?{scope} LIMIT {_FEW + 1}",
+                    [qvec.tolist(), KIND, *scope_params],
+                ).fetchall()
+                if len(few) <= _FEW:
+                    return _best([(int(r[0]), r[1], float(r[2])) for r in few], s.offset, want)
             cand = conn.execute(
-                f"SELECT vid, ref_id FROM vectors WHERE kind = ?{scope}", [KIND, *sp]
+                f"SELECT vid, ref_id FROM vectors WHERE kind = ?{scope}", [KIND, *scope_params]
             ).fetchall()
         else:
             value_col = ", i.value" if s.residual else ""
@@ -656,23 +667,22 @@ class EvolveStore(BaseStore):
             return []
         ref_of = {int(c[0]): c[1] for c in cand}
         vids = np.fromiter(ref_of, dtype=np.int64, count=len(ref_of))
-        if len(vids) <= min(256, self.exact_search_limit):  # a few rows: plain rows beat an Arrow relation
-            got_rows = conn.execute(
-                "SELECT vid, vec FROM vectors WHERE kind = ? AND list_contains(?::BIGINT[], vid)",
-                [KIND, vids.tolist()],
-            ).fetchall()
-            got = np.array([r[0] for r in got_rows], dtype=np.int64)
-            scores = np.array([r[1] for r in got_rows], dtype=np.float32).reshape(len(got), -1) @ qvec
-            order = np.argsort(-scores, kind="stable")
-            hits = [(int(got[j]), float(scores[j])) for j in order]
-        elif len(vids) <= self.exact_search_limit:
-            tbl = conn.sql(  # sql(), not execute(): Arrow from a relation is not copied twice
-                "SELECT vid, vec FROM vectors WHERE kind = ? AND vid IN (SELECT unnest(?::BIGINT[]))",
-                params=[KIND, vids.tolist()],
-            ).to_arrow_table()
-            got = tbl.column("vid").to_numpy()
-            vecs = tbl.column("vec").combine_chunks().flatten().to_numpy(zero_copy_only=False)
-            scores = vecs.astype(np.float32).reshape(len(got), -1) @ qvec
+        if len(vids) <= self.exact_search_limit:
+            # Exact scores computed by DuckDB: fetching the vectors into Python costs far more.
+            if simple:
+                sql, sp = f"kind = ?{scope}", [KIND, *scope_params]
+            else:
+                sql, sp = "kind = ? AND vid IN (SELECT unnest(?::BIGINT[]))", [KIND, vids.tolist()]
+            scored = [
+                r
+                for r in conn.execute(
+                    f"SELECT vid, list_inner_product(vec, ?::FLOAT[]) FROM vectors WHERE {sql}",
+                    [qvec.tolist(), *sp],
+                ).fetchall()
+                if r[0] in ref_of
+            ]
+            got = np.array([r[0] for r in scored], dtype=np.int64)
+            scores = np.array([r[1] for r in scored], dtype=np.float32)
             order = np.argsort(-scores, kind="stable")
             hits = [(int(got[j]), float(scores[j])) for j in order]
         else:
@@ -833,6 +843,18 @@ class EvolveStore(BaseStore):
             self.store.delete_vectors(KIND, other_than_model=name)
         self._model_checked = True
         return n
+
+
+def _best(scored: list[tuple[int, str, float]], offset: int, want: int) -> list[tuple[str, float]]:
+    """``(ref_id, score)`` of the items of ``(vid, ref_id, score)`` rows, best field first (max-pooling),
+    ties in row order."""
+    scores = np.array([r[2] for r in scored], dtype=np.float32)
+    best: dict[str, float] = {}
+    for j in np.argsort(-scores, kind="stable"):
+        ref = scored[j][1]
+        if ref not in best:
+            best[ref] = float(scores[j])
+    return list(best.items())[offset:want]
 
 
 def _tokens(path: str) -> tuple[str, list[str] | str]:
