@@ -350,6 +350,23 @@ def test_an_endpoint_that_is_down_fails_the_run_and_a_rerun_retries(
     assert (run, stage, errors) == ("done", "done", [])
 
 
+def test_a_hanging_endpoint_costs_one_deadline_per_call_not_every_attempt(
+    chat_peer: Callable[..., Any],
+) -> None:
+    from evolve.errors import LLMConnectionError
+    from evolve.llm.client import ChatClient
+
+    peer = chat_peer([("sleep", 5.0, "late")])
+    chat = ChatClient("m", base_url=peer.url, timeout_s=0.3, max_retries=10, deadline_s=1.0)
+    with pytest.raises(LLMConnectionError) as info:
+        chat.complete([{"role": "user", "content": "hi"}])
+    msg = str(info.value)
+    assert "deadline" in msg and "\n" not in msg and peer.url in msg
+    # Each retry waits >= 0.375 s after a 0.3 s attempt: a 1 s deadline leaves room for 3 at most,
+    # where the openai client alone would have made 11 attempts of 0.3 s each.
+    assert 1 <= len(peer.requests) <= 3
+
+
 # ------------------------------------------------------------------ 7. validated before the first write
 @pytest.mark.parametrize(
     ("changes", "expected"),

@@ -2,9 +2,12 @@
 
 What is the ``openai`` client's and what is ours:
 
-- **Retries and timeouts are the openai client's own** (``max_retries``, ``timeout``): exponential
+- **Retries follow the openai client's policy** (``max_retries``, ``timeout``): exponential
   backoff from 0.5 s (capped at 8 s, with jitter) that honours ``Retry-After``; connection errors,
-  timeouts, 408, 409, 429 and 5xx are retried. No retry loop is written here.
+  timeouts, 408, 409, 429 and 5xx are retried. The loop is ours (each attempt is the openai
+  client's with ``max_retries=0``) because one call also has a **total deadline** (``deadline_s``,
+  default twice ``timeout_s``): a hanging endpoint costs at most that, not ``timeout_s`` times
+  every attempt, and no retry starts that could not finish in time.
 - **Response-format negotiation is ours**, because servers disagree: OpenAI and vLLM take
   ``{"type": "json_schema", ...}``; llama-cpp-python answers that with HTTP 500 but takes
   ``{"type": "json_object", "schema": ...}``; some servers refuse both (plain prompting must do)
@@ -27,6 +30,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import random
 import re
 import threading
 import time
@@ -138,6 +142,20 @@ class ChatResult:
         return obj
 
 
+def _backoff(attempt: int, response: Any) -> float:
+    """Seconds before retry ``attempt + 1``: the server's Retry-After when it gives a short one,
+    else the openai client's schedule (0.5 s doubling, capped at 8 s, minus up to 25% jitter)."""
+    headers = getattr(response, "headers", None) or {}
+    for name, scale in (("retry-after-ms", 1e-3), ("retry-after", 1.0)):
+        try:
+            v = float(headers.get(name)) * scale  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            continue
+        if 0 <= v <= 60:
+            return v
+    return min(0.5 * 2.0**attempt, 8.0) * (1 - 0.25 * random.random())
+
+
 def _token_id(token: str) -> int | None:
     m = _TOKEN_ID.match(token)
     return int(m.group(1)) if m else None
@@ -182,6 +200,7 @@ class ChatClient:
         cost_per_1k_prompt: float = 0.0,
         cost_per_1k_completion: float = 0.0,
         extra_body: dict[str, Any] | None = None,
+        deadline_s: float | None = None,
     ) -> None:
         self.model = model
         self.base_url = (base_url or os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1").rstrip(
@@ -190,6 +209,8 @@ class ChatClient:
         self.api_key_env = api_key_env
         self.timeout_s = timeout_s
         self.max_retries = max_retries
+        self.deadline_s = deadline_s if deadline_s is not None else 2 * timeout_s
+        """Seconds one :meth:`complete` may take in all: attempts, backoff and format probing."""
         self.response_format = response_format
         self.cost_per_1k_prompt = cost_per_1k_prompt
         self.cost_per_1k_completion = cost_per_1k_completion
@@ -280,6 +301,7 @@ class ChatClient:
                 kwargs["top_logprobs"] = top_logprobs
         if self.extra_body:
             kwargs["extra_body"] = self.extra_body
+        self._deadline = time.monotonic() + self.deadline_s
         try:
             if schema is None:
                 return self._send(kwargs, "none", None, schema_name, strict)
@@ -331,9 +353,8 @@ class ChatClient:
         rf = response_format_for(variant, schema, schema_name, strict) if schema is not None else None
         if rf is not None:
             req["response_format"] = rf
-        client = self.openai() if retries is None else self.openai().with_options(max_retries=retries)
         t0 = time.perf_counter()
-        resp = client.chat.completions.create(**req)
+        resp = self._attempts(req, self.max_retries if retries is None else retries)
         latency = time.perf_counter() - t0
         usage = self.usage_of(getattr(resp, "usage", None))
         self.calls += 1
@@ -354,12 +375,43 @@ class ChatClient:
             logprobs=lps,
         )
 
+    def _attempts(self, req: dict[str, Any], retries: int) -> Any:
+        """The request, retried as the openai client would, within this call's deadline."""
+        import openai
+
+        deadline = getattr(self, "_deadline", None) or time.monotonic() + self.deadline_s
+        attempt = 0
+        while True:
+            remaining = deadline - time.monotonic()
+            client = self.openai().with_options(
+                max_retries=0, timeout=max(0.001, min(self.timeout_s, remaining))
+            )
+            try:
+                return client.chat.completions.create(**req)
+            except (openai.APIConnectionError, openai.APIStatusError) as e:
+                status = getattr(e, "status_code", None)
+                transient = status is None or status in _TRANSIENT or status >= 500
+                wait = _backoff(attempt, getattr(e, "response", None))
+                out_of_time = time.monotonic() + wait >= deadline - 0.001
+                e.evolve_attempts = attempt + 1  # type: ignore[union-attr]
+                e.evolve_deadline = transient and attempt < retries and out_of_time  # type: ignore[union-attr]
+                if not transient or attempt >= retries or out_of_time:
+                    if isinstance(e, openai.APITimeoutError) and remaining < self.timeout_s:
+                        e.evolve_deadline = True  # type: ignore[attr-defined]
+                    raise
+                log.info("%s: %s, retry %d in %.2f s", self.base_url, type(e).__name__, attempt + 1, wait)
+                time.sleep(wait)
+                attempt += 1
+
     def _error(self, e: Exception) -> LLMError:
-        """The one-line error for an openai exception (after the client's retries)."""
+        """The one-line error for an openai exception (after the retries)."""
         import openai
 
         where = f"{self.base_url} (model {self.model!r})"
-        attempts = f"after {self.max_retries + 1} attempts"
+        n = getattr(e, "evolve_attempts", self.max_retries + 1)
+        attempts = f"after {n} attempts"
+        if getattr(e, "evolve_deadline", False):
+            attempts += f" (the {self.deadline_s:g} s deadline of one call; deadline_s)"
         detail = one_line(_ERROR_CODE.sub("", getattr(e, "message", None) or str(e)), 200)
         if isinstance(e, openai.APITimeoutError):
             return LLMConnectionError(
