@@ -350,6 +350,54 @@ def test_an_endpoint_that_is_down_fails_the_run_and_a_rerun_retries(
     assert (run, stage, errors) == ("done", "done", [])
 
 
+@pytest.fixture
+def raw_endpoint() -> Any:
+    """``raw_endpoint(body, content_type)`` -> the URL of a real HTTP server answering every POST with it."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    servers: list[ThreadingHTTPServer] = []
+
+    def start(body: bytes, content_type: str) -> str:
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+                self.rfile.read(int(self.headers.get("content-length", 0)))
+                self.send_response(200)
+                self.send_header("content-type", content_type)
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+        servers.append(srv)
+        return f"http://127.0.0.1:{srv.server_address[1]}/v1"
+
+    yield start
+    for srv in servers:
+        srv.shutdown()
+        srv.server_close()
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type"),
+    [
+        (b"<html>502 Bad Gateway</html>", "text/html"),
+        (b'{"id": "x", "result": "not a chat"}', "application/json"),
+    ],
+)
+def test_an_endpoint_answering_garbage_fails_the_run(
+    tmp_path: Path, raw_endpoint: Any, body: bytes, content_type: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = raw_endpoint(body, content_type)
+    code, _, err = run_cli(["run", str(endpoint_job(tmp_path, url))], capsys)
+    assert_one_clear_line(code, err, "not a chat completion", url, "OpenAI-compatible")
+    assert failed_run_state(tmp_path)[:2] == ("failed", "failed")
+
+
 def test_a_hanging_endpoint_costs_one_deadline_per_call_not_every_attempt(
     chat_peer: Callable[..., Any],
 ) -> None:

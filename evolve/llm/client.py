@@ -356,6 +356,13 @@ class ChatClient:
         t0 = time.perf_counter()
         resp = self._attempts(req, self.max_retries if retries is None else retries)
         latency = time.perf_counter() - t0
+        if not getattr(resp, "choices", None):
+            # A web page, a proxy's error text or JSON of another API: not a chat completion.
+            got = one_line(str(resp), 80)
+            raise LLMAnswerError(
+                f"{self.base_url} (model {self.model!r}): the answer is not a chat completion ({got!r}); "
+                "is base_url an OpenAI-compatible endpoint ending in /v1?"
+            )
         usage = self.usage_of(getattr(resp, "usage", None))
         self.calls += 1
         self.latency_s += latency
