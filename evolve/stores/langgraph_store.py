@@ -14,7 +14,7 @@ import math
 import operator
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -45,6 +45,7 @@ from langgraph.store.base import (
 from evolve.errors import StoreError
 from evolve.stores.embedders import Embedder
 from evolve.stores.experience import ExperienceStore
+from evolve.stores.hybrid import Reranker, rerank, rerank_order
 from evolve.stores.vector_index import EXACT_FILTER_LIMIT
 
 KIND = "lg_item"
@@ -399,6 +400,7 @@ class EvolveStore(BaseStore):
         index: IndexConfig | None = None,
         exact_search_limit: int = EXACT_FILTER_LIMIT,
         close_store: bool = True,
+        reranker: Reranker | None = None,
     ) -> None:
         if store is not None and path is not None:
             raise ValueError("give either an ExperienceStore or a path, not both")
@@ -417,6 +419,9 @@ class EvolveStore(BaseStore):
         # Below this many candidate vectors a query search scores them exactly from DuckDB, so the
         # FAISS index (rebuilt after any overwrite or delete) is only touched for large scopes.
         self.exact_search_limit = exact_search_limit
+        self.reranker = reranker
+        """Optional: a query search's best ``4 x (offset + limit)`` items are reranked by it (their
+        JSON values as texts); each item's ``score`` is then the reranker's."""
         self._model_checked = False
         self._init_table()
 
@@ -618,7 +623,9 @@ class EvolveStore(BaseStore):
                     s.offset : s.offset + s.limit
                 ]
             return [_item(r, cls=SearchItem) for r in rows]
-        ranked = self._rank(s, where, params, qvec)
+        rr = self.reranker if s.query else None
+        deep = replace(s, offset=0, limit=4 * (s.offset + s.limit)) if rr is not None else s
+        ranked = self._rank(deep, where, params, qvec)
         if not ranked:
             return []
         rows = self._rows(
@@ -626,7 +633,12 @@ class EvolveStore(BaseStore):
             [[r for r, _ in ranked]],
         )
         by_ref = {r[0]: r[1:] for r in rows}
-        return [_item(by_ref[r], cls=SearchItem, score=sc) for r, sc in ranked if r in by_ref]
+        hits = [(by_ref[r], sc) for r, sc in ranked if r in by_ref]
+        if rr is not None and hits:
+            rs = rerank(rr, s.query or "", [str(row[2]) for row, _ in hits])  # the items' JSON values
+            order = rerank_order(rs)[s.offset : s.offset + s.limit]
+            hits = [(hits[j][0], float(rs[j])) for j in order]
+        return [_item(row, cls=SearchItem, score=sc) for row, sc in hits]
 
     def _rank(self, s: _Search, where: str, params: list[Any], qvec: np.ndarray) -> list[tuple[str, float]]:
         """The page of ``(ref_id, score)``: items ranked by their best-matching field (max-pooling)."""
@@ -808,7 +820,7 @@ class EvolveStore(BaseStore):
         """Re-embed everything once if the stored vectors came from another embedder."""
         if self._model_checked or self._embedding is None:
             return
-        with self._session():
+        with self._session(writes=False):
             models = {r[0] for r in self._rows("SELECT DISTINCT model FROM vectors WHERE kind = ?", [KIND])}
         if models - {self._embedding.name}:
             self.reindex()
