@@ -52,6 +52,7 @@ from evolve.skills.predicates import FactBase, bind_predicates, match_conditions
 from evolve.skills.retrieval import GoalTracker, KnowledgeIndex, RetrievalConfig, SkillMatch
 from evolve.stores import ExperienceStore
 from evolve.stores.embedders import Embedder, make_embedder
+from evolve.stores.hybrid import Reranker, make_reranker
 from evolve.text import normalise as norm
 
 _FAIL_CAUSES = {FailureCause.invalid_action, FailureCause.no_effect, FailureCause.precondition_unmet}
@@ -147,6 +148,7 @@ class EvolveMemory:
         env: str | None = None,
         statuses: Sequence[str | KnowledgeStatus] = ("active",),
         config: MemoryConfig | None = None,
+        reranker: str | Reranker | None = None,
     ) -> None:
         self.namespace = namespace
         self.config = config or MemoryConfig()
@@ -154,7 +156,8 @@ class EvolveMemory:
         skills = [k for k in knowledge if isinstance(k, Skill)]
         guards = [k for k in knowledge if isinstance(k, Guardrail)]
         emb = make_embedder(embedder) if isinstance(embedder, str) or embedder is None else embedder
-        self.index = KnowledgeIndex(skills, guards, emb, statuses, self.config)
+        rr = make_reranker(reranker) if isinstance(reranker, str) else reranker
+        self.index = KnowledgeIndex(skills, guards, emb, statuses, self.config, reranker=rr)
         self.usage: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])
         """knowledge id -> [uses, successes, failures] accumulated over this object's episodes."""
         self._logs: list[RetrievalLog] = []
@@ -189,8 +192,10 @@ class EvolveMemory:
         env: str | None = None,
         statuses: Sequence[str] = ("active",),
         config: MemoryConfig | None = None,
+        reranker: str | None = None,
     ) -> EvolveMemoryFactory:
-        """A picklable zero-arg callable building this memory inside a worker process."""
+        """A picklable zero-arg callable building this memory inside a worker process
+        (``reranker``: a spec for :func:`~evolve.stores.hybrid.make_reranker`, e.g. a model dir)."""
         return EvolveMemoryFactory(
             knowledge=tuple(knowledge),
             embedder=embedder,
@@ -198,6 +203,7 @@ class EvolveMemory:
             env=env,
             statuses=tuple(str(KnowledgeStatus(s).value) for s in statuses),
             config=config,
+            reranker=reranker,
         )
 
     @property
@@ -554,6 +560,7 @@ class EvolveMemoryFactory:
     env: str | None = None
     statuses: tuple[str, ...] = ("active",)
     config: MemoryConfig | None = None
+    reranker: str | None = None
 
     def __call__(self) -> EvolveMemory:
         return EvolveMemory(
@@ -563,6 +570,7 @@ class EvolveMemoryFactory:
             env=self.env,
             statuses=self.statuses,
             config=self.config,
+            reranker=self.reranker,
         )
 
 

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from evolve.schema import (
     Guardrail,
@@ -45,7 +45,7 @@ from evolve.skills.predicates import (
     template_regex,
 )
 from evolve.stores.embedders import Embedder
-from evolve.stores.hybrid import HybridScorer
+from evolve.stores.hybrid import HybridScorer, Reranker
 from evolve.text import GROUNDING_STOPWORDS as STOP
 from evolve.text import content_stems, stem, words
 from evolve.text import normalise as norm
@@ -306,6 +306,14 @@ class RetrievalConfig(BaseModel):
     """Dense + keyword prefilter size when the snapshot holds more skills than this."""
     w_goal: float = 0.8
     w_similarity: float = 0.2
+    rerank_depth: int | None = Field(None, ge=1)
+    """With a reranker: the hybrid search's best this many skills are reranked and its best
+    ``max_candidates`` of them matched (retrieve -> rerank; None: ``4 * max_candidates``)."""
+    rerank_threshold: float | None = None
+    """With a reranker: skills it scores below this are neither injected nor proposed (None: the
+    reranker's own ``threshold``, e.g. the calibrated one evolve saved with it, else 0.5)."""
+    rerank_weight: float = Field(0.5, ge=0, le=1)
+    """With a reranker: a skill's combined score is scaled by ``(1 - w) + w * rerank_score``."""
 
 
 class KnowledgeIndex:
@@ -322,6 +330,7 @@ class KnowledgeIndex:
         embedder: Embedder | None = None,
         statuses: Sequence[str | KnowledgeStatus] = ("active",),
         config: RetrievalConfig | None = None,
+        reranker: Reranker | None = None,
     ):
         keep = {KnowledgeStatus(s) for s in statuses}
         self.skills = [s for s in skills if s.status in keep and s.steps]
@@ -368,10 +377,21 @@ class KnowledgeIndex:
             if len(regs) == 1
         ]
         texts = [s.text() for s in self.skills]
-        # Dense + BM25 over the skill texts (the store's hybrid-search parts); set
-        # ``hybrid.reranker`` to rerank candidates, whose scores then land in ``rerank_scores``.
-        self.hybrid = HybridScorer(texts, embedder)
+        # Dense + BM25 over the skill texts (the store's hybrid-search parts); with a reranker the
+        # best candidates are reranked and their scores land in ``rerank_scores``.
+        self.hybrid = HybridScorer(texts, embedder, reranker)
         self.rerank_scores: dict[int, float] = {}
+
+    @property
+    def reranker(self) -> Reranker | None:
+        return self.hybrid.reranker
+
+    @property
+    def rerank_threshold(self) -> float:
+        """The reranker score below which a skill is filtered out."""
+        if self.config.rerank_threshold is not None:
+            return self.config.rerank_threshold
+        return float(getattr(self.hybrid.reranker, "threshold", 0.5))
 
     # -- skills
     def cues_for(self, action: str) -> dict[str, float]:
@@ -396,9 +416,11 @@ class KnowledgeIndex:
         return self.hybrid.scores(query)
 
     def candidates(self, sims: np.ndarray, query: str | None = None) -> list[int]:
-        """Skills worth matching: all when few, else the best by ``sims`` (or, with a reranker and
-        a ``query``, the reranker's best of a deeper pool; its scores go to ``rerank_scores``)."""
-        rows, self.rerank_scores = self.hybrid.top(sims, self.config.max_candidates, query)
+        """Skills worth matching: all when few, else the best by ``sims``. With a reranker and a
+        ``query``: the reranker's best ``max_candidates`` of the best ``rerank_depth`` by ``sims``
+        (retrieve -> rerank), whose scores go to ``rerank_scores``."""
+        k, depth = self.config.max_candidates, self.config.rerank_depth
+        rows, self.rerank_scores = self.hybrid.top(sims, k, query, depth=depth)
         return rows
 
     def match_skill(
@@ -493,9 +515,17 @@ class KnowledgeIndex:
             for a in obs.admissible_actions:
                 by_verb[action_parts(a)[0]].append(a)
         out = []
+        cut, w = self.rerank_threshold, self.config.rerank_weight
         for i in self.candidates(sims, query):
             m = self.match_skill(i, obs, facts, tracker, float(sims[i]), banned=banned, by_verb=by_verb)
             m.rerank_score = self.rerank_scores.get(i)
+            if m.rerank_score is not None:  # rerank -> threshold
+                m.score *= (1.0 - w) + w * min(max(m.rerank_score, 0.0), 1.0)
+                if m.rerank_score < cut:
+                    m.applicable = False
+                    m.reason += f"; reranker {m.rerank_score:.2f} < {cut:.2f}"
+                else:
+                    m.reason += f"; reranker {m.rerank_score:.2f}"
             out.append(m)
         out.sort(key=lambda m: (-m.score, -m.applicability, m.skill.id))
         return out

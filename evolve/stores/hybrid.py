@@ -14,6 +14,8 @@ them; with none, scores are exactly the fused ones.
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Hashable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Protocol, TypeVar, runtime_checkable
@@ -146,33 +148,113 @@ class EmbeddingReranker:
         return (self.embedder.embed(list(texts)) @ q).astype(np.float64)
 
 
-class CrossEncoderReranker:
-    """A sentence-transformers ``CrossEncoder`` from a local directory (e.g. one evolve trained)."""
+CALIBRATION_FILE = "evolve_reranker.json"
+"""Written next to a reranker evolve trained: Platt ``a``, ``b`` and the filtering ``threshold``."""
 
-    def __init__(self, model: str | Path | Any, device: str | None = None, batch_size: int = 32):
+
+def reranker_query(query: str, head: int = 200, tail: int = 450) -> str:
+    """The query a cross-encoder sees: repeated paragraphs dropped (the goal often opens the first
+    observation too), then the head (the goal) and the tail (the latest observation) kept when long.
+    Training data and scoring both go through it, so the model sees at act time what it learned on."""
+    seen: set[str] = set()
+    parts = []
+    for para in query.replace("\r", "").split("\n"):
+        key = " ".join(para.split()).lower()
+        if key and key in seen:
+            continue
+        seen.add(key)
+        parts.append(para)
+    q = "\n".join(parts).strip()
+    if len(q) <= head + tail:
+        return q
+    return q[:head] + " ... " + q[-tail:]
+
+
+class CrossEncoderReranker:
+    """A sentence-transformers ``CrossEncoder`` (a directory, or a loaded model).
+
+    With a calibration (``(a, b)``, read from the directory's ``evolve_reranker.json`` when there
+    is one) scores are ``sigmoid(a * logit + b)``: probabilities that the memory helps, so one
+    ``threshold`` (also read from that file, default 0.5) filters irrelevant memories. Without
+    one, scores are the model's own ``predict`` output. Queries go through :func:`reranker_query`.
+    """
+
+    def __init__(
+        self,
+        model: str | Path | Any,
+        device: str | None = None,
+        batch_size: int = 32,
+        calibration: tuple[float, float] | None | str = "auto",
+    ):
+        self.threshold = 0.5
+        cal: tuple[float, float] | None = None
         if isinstance(model, (str, Path)):
             p = Path(model)
             if not p.exists():
                 raise StoreError(f"no cross-encoder at '{p}'; give the directory a CrossEncoder was saved to")
+            meta = p / CALIBRATION_FILE
+            if meta.exists():
+                try:
+                    m = json.loads(meta.read_text())
+                    cal = (float(m["a"]), float(m["b"]))
+                    self.threshold = float(m.get("threshold", 0.5))
+                except (ValueError, KeyError, TypeError) as e:
+                    raise StoreError(f"unreadable reranker calibration '{meta}': {e}") from e
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")
+            os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
             from sentence_transformers import CrossEncoder
 
-            model = CrossEncoder(str(p), device=device)
+            try:
+                model = CrossEncoder(str(p), device=device or "cpu")
+            except Exception as e:  # the library raises many types for a bad dir
+                raise StoreError(f"could not load a CrossEncoder from '{p}': {e}") from e
         self.model = model
         self.batch_size = batch_size
+        self.calibration: tuple[float, float] | None = cal if calibration == "auto" else calibration  # type: ignore[assignment]
+
+    def logits(self, query: str, texts: Sequence[str]) -> np.ndarray:
+        """The model's raw scores (no activation)."""
+        import torch
+
+        out = self.model.predict(
+            [(reranker_query(query), t) for t in texts],
+            batch_size=self.batch_size,
+            show_progress_bar=False,
+            convert_to_numpy=True,
+            activation_fn=torch.nn.Identity(),
+        )
+        return np.asarray(out, dtype=np.float64).reshape(len(texts), -1)[:, -1]
 
     def score(self, query: str, texts: Sequence[str]) -> np.ndarray:
         if not texts:
             return np.zeros(0)
-        out = self.model.predict(
-            [(query, t) for t in texts],
-            batch_size=self.batch_size,
-            show_progress_bar=False,
-            convert_to_numpy=True,
-        )
-        return np.asarray(out, dtype=np.float64).reshape(len(texts), -1)[:, -1]
+        if self.calibration is None:
+            out = self.model.predict(
+                [(reranker_query(query), t) for t in texts],
+                batch_size=self.batch_size,
+                show_progress_bar=False,
+                convert_to_numpy=True,
+            )
+            return np.asarray(out, dtype=np.float64).reshape(len(texts), -1)[:, -1]
+        a, b = self.calibration
+        return 1.0 / (1.0 + np.exp(-(a * self.logits(query, texts) + b)))
+
+
+def make_reranker(spec: str | Path | None) -> Reranker | None:
+    """``None``/``""``/``"none"`` -> no reranker; ``"embedding:<embedder spec>"`` ->
+    :class:`EmbeddingReranker`; otherwise a CrossEncoder directory (:class:`CrossEncoderReranker`)."""
+    if spec is None or str(spec) in ("", "none"):
+        return None
+    s = str(spec)
+    if s.startswith("embedding:"):
+        from evolve.stores.embedders import make_embedder
+
+        return EmbeddingReranker(make_embedder(s.partition(":")[2] or None))
+    return CrossEncoderReranker(s)
 
 
 __all__ = [
+    "CALIBRATION_FILE",
     "CrossEncoderReranker",
     "DENSE_WEIGHT",
     "EmbeddingReranker",
@@ -181,6 +263,8 @@ __all__ = [
     "RRF_K",
     "Reranker",
     "linear_fuse",
+    "make_reranker",
+    "reranker_query",
     "rerank",
     "rerank_order",
     "rrf_fuse",
