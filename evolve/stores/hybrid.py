@@ -185,8 +185,11 @@ class CrossEncoderReranker:
         device: str | None = None,
         batch_size: int = 32,
         calibration: tuple[float, float] | None | str = "auto",
+        query_chars: tuple[int, int] = (200, 450),
     ):
         self.threshold = 0.5
+        self.query_chars = query_chars
+        """Head and tail characters of the query kept by :func:`reranker_query` (from the file)."""
         cal: tuple[float, float] | None = None
         if isinstance(model, (str, Path)):
             p = Path(model)
@@ -198,6 +201,7 @@ class CrossEncoderReranker:
                     m = json.loads(meta.read_text())
                     cal = (float(m["a"]), float(m["b"]))
                     self.threshold = float(m.get("threshold", 0.5))
+                    self.query_chars = tuple(int(x) for x in m.get("query_chars", query_chars))  # type: ignore[assignment]
                 except (ValueError, KeyError, TypeError) as e:
                     raise StoreError(f"unreadable reranker calibration '{meta}': {e}") from e
             os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -217,7 +221,7 @@ class CrossEncoderReranker:
         import torch
 
         out = self.model.predict(
-            [(reranker_query(query), t) for t in texts],
+            [(reranker_query(query, *self.query_chars), t) for t in texts],
             batch_size=self.batch_size,
             show_progress_bar=False,
             convert_to_numpy=True,
@@ -230,7 +234,7 @@ class CrossEncoderReranker:
             return np.zeros(0)
         if self.calibration is None:
             out = self.model.predict(
-                [(reranker_query(query), t) for t in texts],
+                [(reranker_query(query, *self.query_chars), t) for t in texts],
                 batch_size=self.batch_size,
                 show_progress_bar=False,
                 convert_to_numpy=True,

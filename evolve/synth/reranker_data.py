@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 import re
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -154,8 +154,8 @@ def step_helped(traj: Trajectory, step_index: int) -> float | None:
 
 
 def outcome_labels(
-    decision: Decision, traj: Trajectory | None, retired: set[str] = frozenset()
-) -> list[float | None]:  # type: ignore[assignment]
+    decision: Decision, traj: Trajectory | None, retired: Collection[str] = ()
+) -> list[float | None]:
     """Per candidate: 1/0 from what its action did at that step, 0 when it did not apply or was
     retired, None when the outcome says nothing about it (see the module docstring)."""
     taken, gold = None, False

@@ -70,6 +70,12 @@ class RerankerSettings(BaseModel):
     batch_size: int = Field(16, gt=0)
     learning_rate: float = Field(5e-5, gt=0)
     max_length: int = Field(224, gt=8)
+    """Tokens of a (query, memory) pair; cost grows with it (CPU: ~4 pairs/s per busy core at 224)."""
+    query_chars: tuple[int, int] = (200, 450)
+    """Head and tail characters of the query kept (:func:`~evolve.stores.hybrid.reranker_query`);
+    keep them within ``max_length`` (~4 characters a token) or truncation eats the observation."""
+    max_calibration: int = Field(300, ge=1)
+    """Held-out decisions used for Platt calibration (each costs a forward pass per candidate)."""
     max_candidates: int = Field(10, ge=2)
     holdout: float = Field(0.2, ge=0, lt=1)
     """Share of tasks held out for calibration and metrics (never trained on)."""
@@ -208,13 +214,14 @@ def loss_datasets(
     embedder_path: str | None = None,
     hard_negatives: int = 3,
     max_pairs: int = 6,
+    query_chars: tuple[int, int] = (200, 450),
 ) -> dict[str, Any]:
     """One ``datasets.Dataset`` per loss, in the column layout that loss expects (``max_pairs``
     Margin-MSE pairs per decision)."""
     from datasets import Dataset
 
     out: dict[str, Any] = {}
-    q = [reranker_query(ex.query or "") for ex in examples]
+    q = [reranker_query(ex.query or "", *query_chars) for ex in examples]
     if "bce" in losses:
         rows = [(qi, d, y) for qi, ex in zip(q, examples) for d, y in zip(ex.documents, ex.labels)]
         if rows:
@@ -375,6 +382,7 @@ def train_reranker(
         corpus=corpus,
         hard_negatives=s.hard_negatives,
         embedder_path=None if s.base_model is None else base,
+        query_chars=s.query_chars,
     )
     if not data:
         raise RerankerError(f"the {len(train)} training decisions give no rows for the losses {s.losses}")
@@ -418,20 +426,20 @@ def train_reranker(
     say(f"trained on {sum(len(d) for d in data.values())} rows in {train_s:.1f}s")
 
     # Calibrate on the held-out decisions (the training ones when nothing is held out).
-    calib = held or train
-    raw = CrossEncoderReranker(model, calibration=None)
+    calib = (held or train)[: s.max_calibration]
+    raw = CrossEncoderReranker(model, calibration=None, query_chars=s.query_chars)
     logits = [raw.score(ex.query or "", ex.documents) for ex in calib]
     a, b = platt_fit(np.concatenate(logits).tolist(), [y for ex in calib for y in ex.labels])
     model.save_pretrained(str(out_dir))
     (out_dir / CALIBRATION_FILE).write_text(
-        json.dumps({"a": a, "b": b, "threshold": s.threshold, "query_format": "reranker_query/v1"}, indent=1)
+        json.dumps({"a": a, "b": b, "threshold": s.threshold, "query_chars": list(s.query_chars)}, indent=1)
     )
     metrics: dict[str, RerankerMetrics] = {}
     if held:
         probs = [1.0 / (1.0 + np.exp(-(a * z + b))) for z in logits]
-        metrics["student"] = ranking_metrics([(p.tolist(), ex.labels) for p, ex in zip(probs, held)])
+        metrics["student"] = ranking_metrics([(p.tolist(), ex.labels) for p, ex in zip(probs, calib)])
         hybrid = []
-        for ex in held:
+        for ex in calib:
             sim = ex.metadata.get("similarity") or []
             if len(sim) == len(ex.documents) and all(x is not None for x in sim):
                 hybrid.append((list(sim), ex.labels))
