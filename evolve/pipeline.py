@@ -865,6 +865,13 @@ def _check_env(cfg: JobConfig) -> Any:
 
 
 def _check_model_path(where: str, path: str) -> None:
+    from evolve.specs import PACKAGE_PREFIX, resolve_package_path
+
+    if path.startswith(PACKAGE_PREFIX):
+        try:
+            path = resolve_package_path(path)
+        except ValueError as e:
+            raise ConfigError(f"{where}: {e}") from None
     p = Path(path)
     if p.suffix == ".gguf" and p.is_file():
         return

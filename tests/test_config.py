@@ -16,7 +16,7 @@ from evolve.errors import ConfigError
 def test_quickstart_parses() -> None:
     cfg = load_job(None)
     assert cfg.name == "quickstart"
-    assert cfg.stages.enabled() == ["collect", "diagnose", "distill", "synth", "eval"]
+    assert cfg.stages.enabled() == ["collect", "diagnose", "distill", "synth", "train", "eval"]
     assert cfg.store_path == Path("runs/quickstart/store.duckdb")
     assert Path("examples/quickstart.yaml").resolve() == QUICKSTART.resolve()
 
