@@ -47,6 +47,7 @@ from evolve.train.reranker import (
     average_precision,
     expected_calibration_error,
     ndcg_at_k,
+    recall_threshold,
     train_reranker,
 )
 
@@ -113,6 +114,12 @@ def test_bradley_terry_recovers_the_order_and_platt_calibrates() -> None:
     # Outcome votes: one per pair of differently labelled candidates.
     assert outcome_votes([1.0, None, 0.0, 0.0]) == [(0, 2, 1.0, 1.0), (0, 3, 1.0, 1.0)]
     assert candidate_pairs(4, 4) == [(0, 1), (1, 2), (2, 3), (0, 2)]
+
+
+def test_recall_threshold() -> None:
+    assert recall_threshold([0.9, 0.4, 0.3, 0.2], recall=0.75) == pytest.approx(0.275)
+    assert recall_threshold([0.9, 0.95], recall=0.9) == 0.5  # capped
+    assert recall_threshold([]) == 0.5
 
 
 def test_ranking_metrics() -> None:
@@ -276,7 +283,8 @@ def test_train_reranker_learns_calibrates_and_plugs_into_memory(tiny_ce: Path, t
     # Calibrated scores: one threshold splits helpful from unhelpful memories.
     rr = make_reranker(res.model_dir)
     assert isinstance(rr, CrossEncoderReranker) and rr.calibration == res.calibration
-    assert rr.threshold == 0.5 and (Path(res.model_dir) / CALIBRATION_FILE).exists()
+    assert rr.threshold == res.threshold and 0.0 < res.threshold <= 0.5
+    assert (Path(res.model_dir) / CALIBRATION_FILE).exists()
     s = rr.score(
         "You are in room 99. There is a closed chest here. Goal: get the coin 99.",
         ["open the chest 99", "eat the apple 99"],

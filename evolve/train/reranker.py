@@ -81,8 +81,10 @@ class RerankerSettings(BaseModel):
     """Share of tasks held out for calibration and metrics (never trained on)."""
     hard_negatives: int = Field(3, ge=1)
     seed: int = 0
-    threshold: float = Field(0.5, ge=0, le=1)
-    """The calibrated score below which a memory is filtered out."""
+    threshold: float | None = Field(None, ge=0, le=1)
+    """The calibrated score below which a memory is filtered out (None: the highest one that keeps
+    ``recall`` of the held-out helpful memories, capped at 0.5)."""
+    recall: float = Field(0.9, gt=0, le=1)
     # teachers
     judge_models: list[str] = Field(default_factory=list)
     """OpenAI-compatible judge models (one teacher each) at ``judge_base_url``."""
@@ -178,6 +180,14 @@ def ranking_metrics(
         ece=ece,
         queries=len(ranked),
     )
+
+
+def recall_threshold(positive_scores: Sequence[float], recall: float = 0.9, cap: float = 0.5) -> float:
+    """The highest threshold that keeps ``recall`` of the helpful items (their scores given),
+    capped at ``cap`` (0.5 when there are none): a filter that drops little of what helps."""
+    if not positive_scores:
+        return cap
+    return float(min(cap, np.quantile(np.asarray(positive_scores, dtype=float), 1.0 - recall)))
 
 
 # --------------------------------------------------------------------------- data
@@ -431,8 +441,15 @@ def train_reranker(
     logits = [raw.score(ex.query or "", ex.documents) for ex in calib]
     a, b = platt_fit(np.concatenate(logits).tolist(), [y for ex in calib for y in ex.labels])
     model.save_pretrained(str(out_dir))
+    probs_all = [1.0 / (1.0 + np.exp(-(a * z + b))) for z in logits]
+    threshold = s.threshold
+    if threshold is None:
+        threshold = recall_threshold(
+            [float(p) for ps, ex in zip(probs_all, calib) for p, y in zip(ps, ex.labels) if y >= 0.5],
+            s.recall,
+        )
     (out_dir / CALIBRATION_FILE).write_text(
-        json.dumps({"a": a, "b": b, "threshold": s.threshold, "query_chars": list(s.query_chars)}, indent=1)
+        json.dumps({"a": a, "b": b, "threshold": threshold, "query_chars": list(s.query_chars)}, indent=1)
     )
     metrics: dict[str, RerankerMetrics] = {}
     if held:
@@ -456,7 +473,7 @@ def train_reranker(
         train_rows={k: len(v) for k, v in data.items()},
         holdout_queries=len(held),
         calibration=(a, b),
-        threshold=s.threshold,
+        threshold=threshold,
         teachers=[j.name for j in judges] + ["outcomes"],
         teacher_calls=sum(int(getattr(j, "calls", 0)) for j in judges),
         train_s=train_s,
@@ -480,6 +497,7 @@ __all__ = [
     "loss_datasets",
     "ndcg_at_k",
     "ranking_metrics",
+    "recall_threshold",
     "held_out",
     "split_by_task",
     "train_reranker",
