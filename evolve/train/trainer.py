@@ -63,6 +63,9 @@ log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 
+ON_POLICY_METHODS = ("opd", "opsd", "skill_sd", "pi_distill")
+"""Methods trained on the student's own rollouts in an env (:mod:`evolve.train.onpolicy`)."""
+
 
 class TrainError(EvolveError):
     """Training cannot start or continue; the message is one line saying what to change."""
@@ -78,6 +81,40 @@ class LoraSettings(BaseModel):
     target_modules: list[str] | str = "all-linear"
 
 
+class OnPolicySettings(BaseModel):
+    """Rollouts and teachers of the on-policy methods (``opd | opsd | skill_sd | pi_distill``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    envs: int = Field(4, gt=0)
+    """Episodes rolled in lockstep per optimizer step (per process): one batched generation per turn."""
+    max_turns: int = Field(20, gt=0)
+    split: Literal["train", "dev", "test"] = "train"
+    temperature: float = Field(1.0, ge=0)
+    top_p: float | None = Field(None, gt=0, le=1)
+    max_new_tokens: int = Field(64, gt=0)
+    action_format: Literal["json", "command"] = "json"
+    teacher_mode: Literal["auto", "local", "api", "self", "sampled"] = "auto"
+    """auto: ``self`` for opsd/skill_sd/pi_distill; for opd ``api`` when ``teacher_url`` is set, else
+    ``local`` (``teacher`` is a model dir). ``sampled``: an API that cannot score given text writes
+    turns (``mix`` of them) that are trained with CE."""
+    teacher_url: str | None = None
+    teacher_model: str | None = None
+    api_key_env: str = "OPENAI_API_KEY"
+    top_k: int = Field(20, gt=0)
+    teacher_weights: Literal["initial", "current"] = "initial"
+    """Self teachers: the student as training started (fixed target) or its current weights."""
+    mix: float = Field(0.0, ge=0, le=1)
+    """Probability that a turn is written by the teacher (the env follows it)."""
+    depth_start: int | None = Field(None, gt=0)
+    """TCOD's depth curriculum: rollouts start this many turns deep ..."""
+    depth_ramp: float = Field(0.5, gt=0, le=1)
+    """... and reach ``max_turns`` after this share of the steps."""
+    supervise: Literal["all", "parsed"] = "all"
+    """Which turns take a loss: all, or only those whose answer parsed to an admissible command."""
+    pi_weight: float = Field(1.0, ge=0)
+    """pi_distill: weight of the privileged view's CE on the env's next gold action."""
+
+
 class TrainConfig(BaseModel):
     """What to train, on what, how. Paths are local; nothing is downloaded."""
 
@@ -85,13 +122,17 @@ class TrainConfig(BaseModel):
     student: str
     """A model directory (``config.json``) or a ``.gguf`` file."""
     output_dir: str
-    method: Literal["sft", "distill"] = "sft"
-    loss: str = "ce"
-    """A name of ``evolve.train.losses.LOSSES``; distillation losses need ``teacher``."""
+    method: Literal["sft", "distill", "opd", "opsd", "skill_sd", "pi_distill"] = "sft"
+    """sft / distill train on stored examples (:func:`train`); the others on the student's own
+    rollouts in an env (:func:`evolve.train.onpolicy.train_on_policy`)."""
+    loss: str | None = None
+    """A name of ``evolve.train.losses.LOSSES``; None = ce (sft), forward_kl (distill), reverse_kl
+    (on-policy, full teacher), topk_forward_kl (API teacher). Distillation losses need a teacher."""
     loss_args: dict[str, Any] = Field(default_factory=dict)
     """Keyword arguments of the loss (e.g. ``{"beta": 0.5}`` for jsd)."""
     teacher: str | None = None
-    """``distill``: a local HF model directory sharing the student's tokenizer."""
+    """``distill`` / ``opd``: a local HF model directory sharing the student's tokenizer."""
+    on_policy: OnPolicySettings = Field(default_factory=OnPolicySettings)
     lora: LoraSettings | None = Field(default_factory=LoraSettings)
     """None = full fine-tuning."""
     lr: float = Field(2e-4, gt=0)
@@ -100,7 +141,8 @@ class TrainConfig(BaseModel):
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     epochs: float = Field(1.0, gt=0)
     max_steps: int | None = Field(None, gt=0)
-    """Stop after this many optimizer steps (cycling epochs if needed); None = ``epochs``."""
+    """Stop after this many optimizer steps (cycling epochs if needed); None = ``epochs``. On-policy:
+    the number of rollout + update steps (None = ``ceil(epochs)``)."""
     max_tokens_per_batch: int = Field(4096, gt=0)
     grad_accum: int = Field(1, gt=0)
     """Micro-batches per optimizer step (over all processes: each takes its share)."""
@@ -152,6 +194,17 @@ class TrainResult(BaseModel):
     examples: list[str]
     eval_examples: list[str] = Field(default_factory=list)
     trajectories: list[str]
+    loss: str | None = None
+    """The loss used (the resolved default when the config left it unset)."""
+    teacher: str | None = None
+    on_policy_stats: list[dict[str, Any]] = Field(default_factory=list)
+    """On-policy methods, per step: depth, episodes, successes, turns, trained and teacher-written
+    turns, rollout and teacher seconds, generated tokens, pi-Distill's aux loss."""
+
+
+def loss_name(cfg: TrainConfig) -> str:
+    """The loss of an offline method (sft / distill) when ``loss`` is unset."""
+    return cfg.loss or ("forward_kl" if cfg.method == "distill" else "ce")
 
 
 # --------------------------------------------------------------------------- the loop
@@ -192,14 +245,21 @@ def train(
     set_seed(cfg.seed)  # python, numpy, torch: LoRA init and dropout are reproducible
 
     # 1. models ---------------------------------------------------------------------------------
+    if cfg.method in ON_POLICY_METHODS:
+        raise TrainError(
+            f"method {cfg.method!r} trains on rollouts in an env, not on stored examples: run it from a "
+            "job (stages.train) or call evolve.train.onpolicy.train_on_policy"
+        )
     if cfg.method == "distill" and not cfg.teacher:
         raise TrainError(
             "method 'distill' needs 'teacher': a local HF model directory with the student's tokenizer"
         )
-    loss_fn = make_loss(cfg.loss, **cfg.loss_args)
+    loss_fn = make_loss(loss_name(cfg), **cfg.loss_args)
     wants_teacher = bool({"teacher_logits", "teacher_token_logprob"} & set(loss_fn.needs))
     if wants_teacher and cfg.method != "distill":
-        raise TrainError(f"loss {cfg.loss!r} needs a teacher; set method: distill and teacher: <model dir>")
+        raise TrainError(
+            f"loss {loss_name(cfg)!r} needs a teacher; set method: distill and teacher: <model dir>"
+        )
     model, tokenizer = _load_student(cfg)
     chat_template = tokenizer.chat_template  # the original, saved with the merged model
     teacher = _load_teacher(cfg, tokenizer, model) if cfg.method == "distill" and wants_teacher else None
@@ -257,25 +317,7 @@ def train(
     )
 
     # 3. adapters, optimizer, schedule, devices ----------------------------------------------------
-    if cfg.gradient_checkpointing:
-        # transformers >= 5.2x names it activation checkpointing (the old name warns); both take
-        # the non-reentrant variant, which works with LoRA's frozen inputs.
-        if hasattr(model, "activation_checkpointing_enable"):
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
-    if cfg.lora is not None:
-        from peft import LoraConfig, get_peft_model
-
-        lora = LoraConfig(
-            r=cfg.lora.r,
-            lora_alpha=cfg.lora.alpha,
-            lora_dropout=cfg.lora.dropout,
-            target_modules=cfg.lora.target_modules,
-            task_type="CAUSAL_LM",
-        )
-        model = get_peft_model(model, lora)  # adapters in float32 even over a bf16 base
+    model = _prepare_model(model, cfg)
     model.train()
     student = _with_loss(model, loss_fn, cfg.chunk_size)
     params = [p for p in student.parameters() if p.requires_grad]
@@ -368,31 +410,13 @@ def train(
     run_s = time.monotonic() - run_started
 
     # 6. save ----------------------------------------------------------------------------------------
-    accelerator.wait_for_everyone()
-    adapter_dir = merged_dir = None
-    final = accelerator.unwrap_model(student).model
-    if accelerator.is_main_process:
-        tokenizer.chat_template = chat_template
-        if cfg.lora is not None:
-            adapter_dir = out / "adapter"
-            final.save_pretrained(str(adapter_dir))
-            tokenizer.save_pretrained(str(adapter_dir))
-        if cfg.save_merged:
-            merged_dir = out / "merged"
-            merged = _serializable(final.merge_and_unload() if cfg.lora is not None else final)
-            if cfg.gradient_checkpointing:
-                disable = getattr(merged, "activation_checkpointing_disable", None)
-                (disable or merged.gradient_checkpointing_disable)()
-                merged.config.use_cache = True
-            merged.save_pretrained(str(merged_dir))
-            tokenizer.save_pretrained(str(merged_dir))
-    accelerator.wait_for_everyone()
+    adapter_dir, merged_dir = _save_final(accelerator, student, tokenizer, chat_template, cfg, out)
     peak_dev = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
     result = TrainResult(
         output_dir=str(out),
         checkpoint=str(last_ckpt) if last_ckpt else None,
-        adapter_dir=str(adapter_dir) if adapter_dir else (str(out / "adapter") if cfg.lora else None),
-        merged_dir=str(merged_dir) if merged_dir else (str(out / "merged") if cfg.save_merged else None),
+        adapter_dir=adapter_dir,
+        merged_dir=merged_dir,
         steps=state["step"],
         resumed_from=resumed_from,
         trained_tokens=state["trained_tokens"],
@@ -407,6 +431,8 @@ def train(
         examples=[e.id for e in train_ex],
         eval_examples=[e.id for e in eval_ex],
         trajectories=sorted({t for e in train_ex for t in e.provenance}),
+        loss=loss_name(cfg),
+        teacher=cfg.teacher if teacher is not None else None,
     )
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
@@ -570,6 +596,54 @@ def _load_teacher(cfg: TrainConfig, tokenizer: Any, student: Any) -> Any:
         )
     teacher.eval().requires_grad_(False)
     return teacher
+
+
+def _prepare_model(model: Any, cfg: TrainConfig) -> Any:
+    """Gradient checkpointing when asked, then LoRA adapters (peft) unless full fine-tuning."""
+    if cfg.gradient_checkpointing:
+        # transformers >= 5.2x names it activation checkpointing (the old name warns); both take
+        # the non-reentrant variant, which works with LoRA's frozen inputs.
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if cfg.lora is not None:
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(
+            r=cfg.lora.r,
+            lora_alpha=cfg.lora.alpha,
+            lora_dropout=cfg.lora.dropout,
+            target_modules=cfg.lora.target_modules,
+            task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(model, lora)  # adapters in float32 even over a bf16 base
+    return model
+
+
+def _save_final(
+    accelerator: Any, student: Any, tokenizer: Any, chat_template: Any, cfg: TrainConfig, out: Path
+) -> tuple[str | None, str | None]:
+    """``save_pretrained`` of the adapter and of the merged model (with the original chat template)."""
+    accelerator.wait_for_everyone()
+    final = accelerator.unwrap_model(student).model
+    if accelerator.is_main_process:
+        tokenizer.chat_template = chat_template
+        if cfg.lora is not None:
+            final.save_pretrained(str(out / "adapter"))
+            tokenizer.save_pretrained(str(out / "adapter"))
+        if cfg.save_merged:
+            merged = _serializable(final.merge_and_unload() if cfg.lora is not None else final)
+            if cfg.gradient_checkpointing:
+                disable = getattr(merged, "activation_checkpointing_disable", None)
+                (disable or merged.gradient_checkpointing_disable)()
+                merged.config.use_cache = True
+            merged.save_pretrained(str(out / "merged"))
+            tokenizer.save_pretrained(str(out / "merged"))
+    accelerator.wait_for_everyone()
+    adapter = str(out / "adapter") if cfg.lora is not None else None
+    return adapter, (str(out / "merged") if cfg.save_merged else None)
 
 
 def _serializable(model: Any) -> Any:
