@@ -266,7 +266,7 @@ class TeacherClock:
         )
 
 
-def run_evolve_opd(args: argparse.Namespace) -> dict[str, Any]:
+def run_evolve_opd(args: argparse.Namespace, turns: int = 1) -> dict[str, Any]:
     import tempfile
 
     from evolve.specs import EnvSpec
@@ -277,7 +277,7 @@ def run_evolve_opd(args: argparse.Namespace) -> dict[str, Any]:
     tasks, _ = first_turn_prompts(args.batch * args.steps)
     cfg = TrainConfig(
         student=args.model_dir,
-        output_dir=str(Path(args.work) / "evolve-opd"),
+        output_dir=str(Path(args.work) / f"evolve-opd-{turns}"),
         method="opd",
         teacher=args.teacher_dir,
         loss="reverse_kl",
@@ -292,7 +292,11 @@ def run_evolve_opd(args: argparse.Namespace) -> dict[str, Any]:
         resume=False,
         save_merged=False,
         on_policy=OnPolicySettings(
-            envs=args.batch, max_turns=1, max_new_tokens=args.gen_len, temperature=1.0, teacher_mode="local"
+            envs=args.batch,
+            max_turns=turns,
+            max_new_tokens=args.gen_len,
+            temperature=1.0,
+            teacher_mode="local",
         ),
     )
     with tempfile.TemporaryDirectory() as d, ExperienceStore(Path(d) / "s.duckdb", embedder="hash") as store:
@@ -411,7 +415,12 @@ def child(args: argparse.Namespace) -> None:
     from evolve.schema import TrainingExample
 
     if args.mode == "opd":
-        res = run_evolve_opd(args) if args.framework == "evolve" else run_trl_opd(args, args.framework[4:])
+        if args.framework == "evolve":
+            res = run_evolve_opd(args)
+        elif args.framework == "evolve-env":  # multi-turn episodes in the env: evolve's own case
+            res = run_evolve_opd(args, turns=args.turns)
+        else:
+            res = run_trl_opd(args, args.framework[4:])
     else:
         examples = [TrainingExample.model_validate_json(x) for x in Path(args.data).read_text().splitlines()]
         res = run_evolve(args, examples) if args.framework == "evolve" else run_trl(args, examples)
@@ -431,6 +440,7 @@ def main() -> None:
     )
     p.add_argument("--batch", type=int, default=4, help="opd: prompts per step")
     p.add_argument("--gen-len", type=int, default=32, help="opd: generated tokens per answer (at most)")
+    p.add_argument("--turns", type=int, default=4, help="opd, evolve-env: turns per episode")
     p.add_argument("--out", default="runs/train_speed")
     p.add_argument("--games", type=int, default=10, help="oracle episodes the examples come from")
     p.add_argument("--steps", type=int, default=8)
@@ -540,7 +550,7 @@ def opd_parent(args: argparse.Namespace, console: Console, out: Path, mdir: Path
     teacher = MODELS_DIR / f"{args.teacher}-hf" if args.model != "tiny" else mdir
     if not (teacher / "config.json").is_file():
         sys.exit(f"{teacher} is missing: run `python bench/local_llm.py hf --model {args.teacher}` first")
-    frameworks = args.frameworks or ["trl-distill", "trl-gkd", "evolve"]
+    frameworks = args.frameworks or ["trl-distill", "trl-gkd", "evolve", "evolve-env"]
     results: dict[str, dict[str, Any]] = {}
     out.mkdir(parents=True, exist_ok=True)
     for fw in frameworks:
@@ -550,6 +560,7 @@ def opd_parent(args: argparse.Namespace, console: Console, out: Path, mdir: Path
             "--teacher-dir", str(teacher), "--work", str(out / f"work-opd-{args.model}"),
             "--json-out", str(res_path), "--steps", str(args.steps), "--batch", str(args.batch),
             "--gen-len", str(args.gen_len), "--lr", str(args.lr), "--threads", str(args.threads),
+            "--turns", str(args.turns),
         ]  # fmt: skip
         console.print(
             f"[cyan]{fw}[/]: {args.steps} on-policy steps x {args.batch} prompts on {args.model} ..."

@@ -140,9 +140,11 @@ class TrainStage(_Cfg):
     """Train a student on the store's examples (``evolve.train``). Fields left unset take the
     trainer's defaults (``evolve.train.trainer.TrainConfig``)."""
 
-    method: Literal["sft", "distill", "reranker"] = "sft"
-    """sft / distill: the student's weights (``evolve.train.trainer``); reranker: the memory's
-    reranker (``evolve.train.reranker``)."""
+    method: Literal["sft", "distill", "opd", "opsd", "skill_sd", "pi_distill", "reranker"] = "sft"
+    """sft / distill: the student's weights on stored examples (``evolve.train.trainer``); opd /
+    opsd / skill_sd / pi_distill: on the student's own rollouts in the job's env
+    (``evolve.train.onpolicy``; skill_sd shows the teacher the store's active skills and guardrails);
+    reranker: the memory's reranker (``evolve.train.reranker``)."""
     policy: str = "student"
     """The key of ``policies`` this training may replace (the run's current student)."""
     student: str | None = None
@@ -183,6 +185,9 @@ class TrainStage(_Cfg):
     probation: TrainProbation = Field(default_factory=TrainProbation)
     eval: StudentArms = Field(default_factory=StudentArms)
     """Arms of the eval stage for this student when it is not the eval policy."""
+    on_policy: dict[str, Any] | None = None
+    """opd / opsd / skill_sd / pi_distill: ``evolve.train.trainer.OnPolicySettings`` (envs,
+    max_turns, temperature, teacher_url, mix, depth_start, supervise, pi_weight, ...)."""
     reranker: dict[str, Any] = Field(default_factory=dict)
     """``reranker``: settings of ``evolve.train.reranker.RerankerSettings`` (base_model, losses,
     max_steps, ...); the namespace and output directory come from the job."""
@@ -198,6 +203,14 @@ class TrainStage(_Cfg):
             raise ValueError(
                 "method 'distill' needs 'teacher' (a local HF model directory with the student's tokenizer)"
             )
+        api = bool((self.on_policy or {}).get("teacher_url"))
+        if self.method == "opd" and not (self.teacher or api):
+            raise ValueError(
+                "method 'opd' needs 'teacher' (a local HF model directory with the student's tokenizer) "
+                "or on_policy.teacher_url (an OpenAI-compatible endpoint)"
+            )
+        if self.on_policy is not None and self.method not in ("opd", "opsd", "skill_sd", "pi_distill"):
+            raise ValueError(f"on_policy settings apply to opd/opsd/skill_sd/pi_distill, not {self.method!r}")
         if not self.kinds:
             raise ValueError("kinds is empty; list the example kinds to train on (sft, privileged)")
         return self

@@ -28,6 +28,7 @@ from evolve.eval.metrics import compare
 from evolve.schema import Checkpoint, CheckpointStatus, Knowledge, Outcome, Split, TrainingExample, Trajectory
 from evolve.specs import EnvSpec, PolicySpec
 from evolve.stores import ExperienceStore, make_embedder
+from evolve.train.trainer import ON_POLICY_METHODS
 
 log = logging.getLogger("evolve.pipeline")
 
@@ -261,19 +262,34 @@ def _train_student(ctx: Ctx, st: TrainStage) -> dict[str, Any]:
     """Train the student on the namespace's examples, record the checkpoint with its lineage, then
     probation for weights: the checkpoint becomes the run's student only if it beats the current
     one on the probation split (same tasks and seeds); otherwise it stays a candidate."""
-    examples = _train_examples(ctx, st)
+    on_policy = st.method in ON_POLICY_METHODS
+    knowledge = active_knowledge(ctx.store, ctx.ns) if st.method == "skill_sd" else []
+    examples = [] if on_policy else _train_examples(ctx, st)
     base = _student_path(ctx, st)
     student = _student_weights(ctx, base)
     fields = st.trainer_fields()
-    fp = _fingerprint(fields, base, examples)
+    # on-policy: the env and (skill_sd) the knowledge are the data
+    fp = _fingerprint(
+        {**fields, "env": ctx.env_spec.model_dump(), "knowledge": sorted(k.id for k in knowledge)}
+        if on_policy
+        else fields,
+        base,
+        examples,
+    )
     ckpt_id = f"ckpt-{ctx.run_id}-{fp}"
     ckpt = next((c for c in ctx.store.checkpoints(ctx.ns, run_id=ctx.run_id) if c.id == ckpt_id), None)
     if ckpt is not None and Path(ckpt.path).exists():
         ctx.console.print(f"[dim]{ckpt_id}: trained earlier on the same examples and settings, reused[/]")
     else:
         out_dir = _output_dir(ctx, st) / fp
-        ctx.console.print(f"training ({st.method}) {student} on {len(examples)} examples -> {out_dir}")
-        loss, result = _train(fields, student, out_dir, examples)
+        if on_policy:
+            ctx.console.print(
+                f"training ({st.method}) {student} on its own rollouts in {ctx.env_spec.name} -> {out_dir}"
+            )
+            loss, result = _train_on_policy(ctx, fields, student, out_dir, knowledge)
+        else:
+            ctx.console.print(f"training ({st.method}) {student} on {len(examples)} examples -> {out_dir}")
+            loss, result = _train(fields, student, out_dir, examples)
         ckpt = ctx.store.add_checkpoint(
             Checkpoint(
                 id=ckpt_id,
@@ -381,6 +397,33 @@ def _train(
     result = train(config, examples)
     # The loss the trainer used: its resolved default when the job left it unset.
     return getattr(result, "loss", None) or config.loss or "ce", result
+
+
+def _train_on_policy(
+    ctx: Ctx, fields: dict[str, Any], student: str, out_dir: Path, knowledge: Sequence[Knowledge]
+) -> tuple[str, Any]:
+    """``evolve.train.onpolicy.train_on_policy`` in the job's env; episodes recorded under the run."""
+    from evolve.train.onpolicy import train_on_policy
+    from evolve.train.trainer import TrainConfig
+
+    try:
+        config = TrainConfig.model_validate({**fields, "student": student, "output_dir": str(out_dir)})
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = ".".join(str(x) for x in err["loc"])
+        raise ConfigError(f"stages.train.{loc}: {err['msg'].removeprefix('Value error, ')}") from None
+    hooks = None
+    if config.method == "skill_sd":
+        if not knowledge:
+            raise ConfigError(
+                f"stages.train: method 'skill_sd' needs active skills or guardrails in namespace '{ctx.ns}'; "
+                "run the distill stage first"
+            )
+        hooks = ctx.memory.evolve(knowledge)  # the evolve arm's memory: what the eval shows the agent
+    result = train_on_policy(
+        config, ctx.env_spec, ctx.store, namespace=ctx.ns, run_id=ctx.run_id, knowledge_hooks=hooks
+    )
+    return result.loss or "reverse_kl", result
 
 
 def _train_metrics(result: Any) -> dict[str, Any]:

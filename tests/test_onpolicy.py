@@ -396,3 +396,26 @@ def test_sampled_teacher_trains_on_teacher_written_turns(
     s = result.on_policy_stats[0]
     assert result.loss == "ce" and s["trained_turns"] == s["teacher_turns"] > 0
     assert any(r["path"].endswith("chat/completions") for r in server.requests)
+
+
+# --------------------------------------------------------------------------- in a job
+
+
+def test_evolve_run_trains_on_policy_as_the_train_stage(tmp_path: Path, student_dir: Path) -> None:
+    from evolve.config import parse_job
+    from evolve.pipeline import run_job
+    from tests.test_train_pipeline import _train_job
+
+    job = _train_job(tmp_path, student_dir, method="pi_distill", max_steps=2, lora={"r": 4},
+                     on_policy={"envs": 2, "max_turns": 2, "max_new_tokens": 8})  # fmt: skip
+    job["stages"]["train"]["probation"] = {"split": "train", "max_steps": 2}
+    del job["stages"]["synth"], job["stages"]["eval"]
+    cfg = parse_job(job)
+    result = run_job(cfg)
+    tr = result["stages"]["train"]
+    with ExperienceStore(cfg.store_path, namespace="tt", read_only=True) as st:
+        (ckpt,) = st.checkpoints(run_id="tt")
+        rollouts = st.trajectories(arm="onpolicy")
+    assert tr["checkpoint"] == ckpt.id and ckpt.method == "pi_distill" and ckpt.loss == "reverse_kl"
+    assert len(rollouts) == 4 and sorted(ckpt.trajectory_ids) == sorted(t.id for t in rollouts)
+    assert ckpt.metrics["train"]["steps"] == 2 and Path(ckpt.path, "config.json").is_file()

@@ -165,9 +165,12 @@ def _train_job(tmp: Path, model: Path | str, **train: Any) -> dict[str, Any]:
         ({"train": {"method": "distill"}}, "job: stages.train: method 'distill' needs 'teacher'"),
         ({"train": {"lora": {"rank": 8}}}, "job: stages.train.lora.rank: unknown field"),
         ({"train": {"lr": 0}}, "job: stages.train.lr: Input should be greater than 0"),
+        ({"train": {"method": "opd"}}, "job: stages.train: method 'opd' needs 'teacher'"),
+        ({"train": {"on_policy": {"envs": 2}}}, "job: stages.train: on_policy settings apply to opd"),
         (
             {"train": {"method": "dpo"}},
-            "job: stages.train.method: Input should be 'sft', 'distill' or 'reranker'",
+            "job: stages.train.method: Input should be 'sft', 'distill', 'opd', 'opsd', 'skill_sd', "
+            "'pi_distill' or 'reranker'",
         ),
     ],
 )
