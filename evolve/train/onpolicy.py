@@ -28,8 +28,11 @@ pi_distill`` (options of one loop, not four trainers). One optimizer step reads 
 5. one AdamW step; checkpoints, resume and the saved adapter/merged model as in
    :mod:`evolve.train.trainer` (the same helpers).
 
-Several processes (accelerate / torchrun): each rolls its own ``envs`` episodes (distinct tasks),
-gradients are averaged by DDP after the same global normalisation as the SFT loop.
+One process for now: the step is written for several (each process would roll its own ``envs``
+episodes on distinct tasks, with the SFT loop's global normalisation and zero-weight filler batches
+so DDP's collectives line up), but every process records its episodes to the store, and a store
+file takes one writing process; until rollouts are gathered to rank 0 for recording, a launch with
+several processes is refused with one line.
 """
 
 from __future__ import annotations
@@ -376,6 +379,11 @@ def train_on_policy(
         ],
     )
     rank, world = accelerator.process_index, accelerator.num_processes
+    if world > 1:
+        raise TrainError(
+            f"on-policy methods run in one process ({world} were launched): the rollouts are recorded to "
+            "one store file, which takes one writer; run without accelerate launch / torchrun"
+        )
     set_seed(cfg.seed)
 
     # 1. student, teacher, loss -------------------------------------------------------------------
