@@ -70,7 +70,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--max-length", type=int, default=128, help="tokens per (query, memory) pair")
     ap.add_argument("--query-chars", default="120,300", help="head,tail characters of the query kept")
-    ap.add_argument("--rerank-depth", type=int, default=6, help="e2e: hybrid candidates the student reranks")
     ap.add_argument("--judge-gguf", default="", help="serve this GGUF as the LLM judge")
     ap.add_argument("--judge-base-url", default="", help="or an OpenAI-compatible endpoint")
     ap.add_argument("--judge-model", default="judge")
@@ -81,6 +80,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--e2e-tasks", type=int, default=0, help="held-out TextWorld test tasks for the agent arm"
     )
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--student", default="", help="a trained student directory: skip training")
     return ap.parse_args(argv)
 
 
@@ -160,7 +160,13 @@ def main(argv: list[str] | None = None) -> None:
     # 1. decisions with outcome labels, split by task
     examples: dict[str, list[TrainingExample]] = {}
     for env, st in stores.items():
-        examples[env] = reranker_examples(st, st.namespace)
+        # Decisions of this script's own agent arms (e2e:, and rr:evolve of earlier versions) are left out.
+        ids = [
+            t.id
+            for t in st.trajectories(st.namespace)
+            if not (t.run_id or "").startswith(("e2e:", "rr:evolve"))
+        ]
+        examples[env] = reranker_examples(st, st.namespace, trajectory_ids=ids)
         for ex in examples[env]:
             ex.metadata["env"] = env
         log(f"{env}: {len(examples[env])} labelled decisions from '{st.namespace}'")
@@ -254,12 +260,16 @@ def main(argv: list[str] | None = None) -> None:
             seed=a.seed,
             num_threads=a.threads,
         )
-        t0 = time.perf_counter()
-        res = train_reranker(
-            first, settings, examples=all_ex, judges=[judge] if judge is not None else [], log=log
-        )
-        log(f"student trained in {time.perf_counter() - t0:.0f}s: {res.train_rows}")
-        student = CrossEncoderReranker(res.model_dir)
+        if a.student:
+            model_dir = a.student
+        else:
+            t0 = time.perf_counter()
+            res = train_reranker(
+                first, settings, examples=all_ex, judges=[judge] if judge is not None else [], log=log
+            )
+            log(f"student trained in {time.perf_counter() - t0:.0f}s: {res.train_rows}")
+            model_dir = res.model_dir
+        student = CrossEncoderReranker(model_dir)
         systems["student (MiniLM-L6 CE)"], lat["student (MiniLM-L6 CE)"] = [], []
         for ex in held:
             t = time.perf_counter()
@@ -270,6 +280,12 @@ def main(argv: list[str] | None = None) -> None:
         if srv is not None:
             srv.__exit__(None, None, None)
 
+    if judge is not None:
+        # The judge ranks only the first --judge-held decisions: the others on those same ones.
+        n = len(systems[f"LLM judge ({judge.client.model})"])
+        for name in ("dense+BM25", "student (MiniLM-L6 CE)"):
+            systems[f"{name}, judge's {n}"] = systems[name][:n]
+            lat[f"{name}, judge's {n}"] = lat[name][:n]
     table = []
     for name, groups in systems.items():
         m = ranking_metrics(groups)
@@ -298,7 +314,7 @@ def main(argv: list[str] | None = None) -> None:
     # 5. end effect: EvolveMemory with / without the student on held-out TextWorld test tasks
     e2e: dict[str, Any] = {}
     if a.e2e_tasks and "textworld" in stores:
-        e2e = end_to_end(stores["textworld"], res.model_dir, a, log)
+        e2e = end_to_end(stores["textworld"], model_dir, a, log)
         print_table(
             "EvolveMemory on held-out TextWorld tasks (same tasks and seeds)",
             ["arm", "episodes", "success %", "score"],
@@ -329,15 +345,21 @@ def end_to_end(store: ExperienceStore, model_dir: str, a: argparse.Namespace, lo
     )  # fmt: skip
     know = knowledge_of(store, store.namespace)
     out = {}
-    for arm, rr in (("evolve", None), ("evolve + student reranker", model_dir)):
+    cfg = MemoryConfig()
+    arms = (
+        ("evolve", None, cfg),
+        ("evolve + student (rerank only)", model_dir, cfg.model_copy(update={"rerank_threshold": 0.0})),
+        ("evolve + student (rerank + threshold)", model_dir, cfg),
+    )
+    for arm, rr, c in arms:
         hooks = EvolveMemory.factory(
-            know, "hash", namespace=store.namespace, env="textworld", config=MemoryConfig(), reranker=rr
+            know, "hash", namespace=store.namespace, env="textworld", config=c, reranker=rr
         )
-        trajs = eps.run(f"rr:{arm}", tasks, hooks=hooks)
+        trajs = eps.run(f"e2e:{arm}", tasks, hooks=hooks)
         out[arm] = {
             "n": len(trajs),
             "success": float(np.mean([t.success for t in trajs])) if trajs else 0.0,
-            "score": float(np.mean([100 * t.normalized_score for t in trajs])) if trajs else 0.0,
+            "score": float(np.mean([t.normalized_score for t in trajs])) if trajs else 0.0,
         }
         log(f"  {arm}: {sum(t.success for t in trajs)}/{len(trajs)} won")
     return out

@@ -313,7 +313,8 @@ class RetrievalConfig(BaseModel):
     """With a reranker: skills it scores below this are neither injected nor proposed (None: the
     reranker's own ``threshold``, e.g. the calibrated one evolve saved with it, else 0.5)."""
     rerank_weight: float = Field(0.5, ge=0, le=1)
-    """With a reranker: a skill's combined score is scaled by ``(1 - w) + w * rerank_score``."""
+    """With a reranker: a skill's combined score is scaled by ``(1 - w) + w * r / r_max`` (its
+    reranker score relative to the step's best), so the order changes and the cut-offs do not."""
 
 
 class KnowledgeIndex:
@@ -516,11 +517,15 @@ class KnowledgeIndex:
                 by_verb[action_parts(a)[0]].append(a)
         out = []
         cut, w = self.rerank_threshold, self.config.rerank_weight
-        for i in self.candidates(sims, query):
+        rows = self.candidates(sims, query)
+        # Relative to the step's best reranker score: the reranker reorders candidates without
+        # moving the best one against the absolute min_score / propose_score cut-offs.
+        top = max((max(self.rerank_scores.values(), default=0.0), 1e-9))
+        for i in rows:
             m = self.match_skill(i, obs, facts, tracker, float(sims[i]), banned=banned, by_verb=by_verb)
             m.rerank_score = self.rerank_scores.get(i)
             if m.rerank_score is not None:  # rerank -> threshold
-                m.score *= (1.0 - w) + w * min(max(m.rerank_score, 0.0), 1.0)
+                m.score *= (1.0 - w) + w * min(max(m.rerank_score / top, 0.0), 1.0)
                 if m.rerank_score < cut:
                     m.applicable = False
                     m.reason += f"; reranker {m.rerank_score:.2f} < {cut:.2f}"
