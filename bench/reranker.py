@@ -195,12 +195,17 @@ def main(argv: list[str] | None = None) -> None:
     try:
         # 3. scores per system on the held-out decisions
         emb = make_embedder("hash")
-        systems: dict[str, list[tuple[list[float], list[float]]]] = {"dense+BM25": [], "outcome stats": []}
-        lat: dict[str, list[float]] = {"dense+BM25": [], "outcome stats": []}
+        systems: dict[str, list[tuple[list[float], list[float]]]] = {
+            "dense+BM25": [],
+            "memory score (no reranker)": [],
+            "outcome stats": [],
+        }
+        lat: dict[str, list[float]] = {k: [] for k in systems}
         for ex in held:
             st = stores[ex.metadata["env"]]
             sim = ex.metadata.get("similarity") or []
             systems["dense+BM25"].append(([float(x or 0.0) for x in sim], ex.labels))
+            systems["memory score (no reranker)"].append((list(ex.metadata["memory_score"]), ex.labels))
             hs = HybridScorer(ex.documents, emb)
             t = time.perf_counter()
             hs.scores(ex.query or "")
@@ -321,9 +326,7 @@ def main(argv: list[str] | None = None) -> None:
             [[k, str(v["n"]), f"{100 * v['success']:.1f}", f"{v['score']:.1f}"] for k, v in e2e.items()],
         )
     (out / "results.json").write_text(
-        json.dumps(
-            {"rows": rows, "e2e": e2e, "student": res.model_dump(), "args": vars(a)}, indent=1, default=str
-        )
+        json.dumps({"rows": rows, "e2e": e2e, "student": model_dir, "args": vars(a)}, indent=1, default=str)
     )
 
 
@@ -350,6 +353,7 @@ def end_to_end(store: ExperienceStore, model_dir: str, a: argparse.Namespace, lo
         ("evolve", None, cfg),
         ("evolve + student (rerank only)", model_dir, cfg.model_copy(update={"rerank_threshold": 0.0})),
         ("evolve + student (rerank + threshold)", model_dir, cfg),
+        ("evolve + student (threshold only)", model_dir, cfg.model_copy(update={"rerank_weight": 0.0})),
     )
     for arm, rr, c in arms:
         hooks = EvolveMemory.factory(

@@ -312,9 +312,11 @@ class RetrievalConfig(BaseModel):
     rerank_threshold: float | None = None
     """With a reranker: skills it scores below this are neither injected nor proposed (None: the
     reranker's own ``threshold``, e.g. the calibrated one evolve saved with it, else 0.5)."""
-    rerank_weight: float = Field(0.5, ge=0, le=1)
+    rerank_weight: float = Field(0.0, ge=0, le=1)
     """With a reranker: a skill's combined score is scaled by ``(1 - w) + w * r / r_max`` (its
-    reranker score relative to the step's best), so the order changes and the cut-offs do not."""
+    reranker score relative to the step's best), so the order changes and the cut-offs do not.
+    0 by default: on TextWorld the memory's own score ranks better than a text-only reranker
+    (BENCHMARKS.md, "Memory reranker"), so the reranker filters and is logged, but does not reorder."""
 
 
 class KnowledgeIndex:

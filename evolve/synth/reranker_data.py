@@ -442,6 +442,7 @@ def reranker_examples(
                     "outcome_labels": [outcomes[i] for i in keep],
                     "teacher_labels": [soft[i] for i in keep],
                     "similarity": [c[i].similarity for i in keep],
+                    "memory_score": [c[i].score for i in keep],
                     "hybrid_rank": [c[i].rank for i in keep],
                     "teachers": [j.name for j in judges] + ["outcomes"],
                     "platt": [a, b],
