@@ -41,12 +41,16 @@ def memory_for(
     env: str | None = None,
     config: Any = None,
     raw_kwargs: dict[str, Any] | None = None,
+    reranker: str | None = None,
 ) -> Memory:
     """The skills package wired into the eval harness: evolve / raw-trajectory hooks, snapshots
-    distilled from trajectories alone (items the store retired left out), usage per item."""
+    distilled from trajectories alone (items the store retired left out), usage per item;
+    ``reranker`` (a trained reranker's directory) reranks/filters the evolve arm's retrievals."""
     from evolve.skills import EvolveMemory, RawTrajectoryMemory, distill_snapshot, usage_from_trajectories
 
     evolve_kw: dict[str, Any] = {"embedder": embedder}
+    if reranker is not None:
+        evolve_kw["reranker"] = reranker
     if env is not None:
         evolve_kw["env"] = env
     if config is not None:
@@ -73,7 +77,15 @@ class Ctx:
         self.console = console
         self.ns = cfg.store.namespace
         self.run_dir = cfg.run_path
-        self.memory = memory_for(store, self.ns, cfg.store.embedder)
+        self.memory = memory_for(store, self.ns, cfg.store.embedder, reranker=self.trained_reranker())
+
+    def trained_reranker(self) -> str | None:
+        """The reranker this job's train stage wrote (``method: reranker``), once it exists."""
+        st = self.cfg.stages.train
+        if st is None or st.method != "reranker":
+            return None
+        d = _output_dir(self, st) / "reranker"
+        return str(d) if (d / "evolve_reranker.json").is_file() else None
 
     @property
     def env_spec(self) -> EnvSpec:
@@ -255,6 +267,8 @@ def _train_reranker(ctx: Ctx, st: TrainStage) -> dict[str, Any]:
         ) from None
     result = train_reranker(ctx.store, settings, log=lambda m: ctx.console.print(f"[dim]{m}[/]"))
     ctx.console.print(f"reranker -> {result.model_dir}")
+    # the later stages' evolve arm retrieves through it (filter by its calibrated threshold)
+    ctx.memory = memory_for(ctx.store, ctx.ns, ctx.cfg.store.embedder, reranker=result.model_dir)
     return result.model_dump(mode="json")
 
 

@@ -455,3 +455,23 @@ def test_reranker_method_needs_no_student_and_bad_settings_are_one_line(tmp_path
     with pytest.raises(ConfigError, match=r"^stages.train.reranker.losses.0: ") as e:
         run_job(cfg)
     assert "\n" not in str(e.value)
+
+
+def test_a_trained_reranker_is_the_evolve_arms_reranker(tmp_path: Path) -> None:
+    from rich.console import Console
+
+    from evolve.pipeline import Ctx
+
+    job = _train_job(tmp_path, "m")
+    job["policies"]["student"] = {"kind": "random"}
+    job["stages"] = {"train": {"method": "reranker"}}
+    cfg = parse_job(job)
+    with ExperienceStore(tmp_path / "s.duckdb", namespace="tt", embedder="hash") as st:
+        assert Ctx(cfg, st, "r", Console()).trained_reranker() is None  # nothing trained yet
+        out = cfg.run_path / "train" / "reranker"
+        out.mkdir(parents=True)
+        (out / "evolve_reranker.json").write_text("{}")
+        ctx = Ctx(cfg, st, "r", Console())
+        assert ctx.trained_reranker() == str(out)
+        factory = ctx.memory.evolve([])
+        assert factory.reranker == str(out)  # the evolve arm's memory reranks through it
