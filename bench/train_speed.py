@@ -441,6 +441,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=4, help="opd: prompts per step")
     p.add_argument("--gen-len", type=int, default=32, help="opd: generated tokens per answer (at most)")
     p.add_argument("--turns", type=int, default=4, help="opd, evolve-env: turns per episode")
+    p.add_argument("--resume", action="store_true", help="opd: reuse frameworks already measured in --out")
     p.add_argument("--out", default="runs/train_speed")
     p.add_argument("--games", type=int, default=10, help="oracle episodes the examples come from")
     p.add_argument("--steps", type=int, default=8)
@@ -562,6 +563,9 @@ def opd_parent(args: argparse.Namespace, console: Console, out: Path, mdir: Path
             "--gen-len", str(args.gen_len), "--lr", str(args.lr), "--threads", str(args.threads),
             "--turns", str(args.turns),
         ]  # fmt: skip
+        if args.resume and res_path.is_file():  # measured earlier with the same --out: reuse
+            results[fw] = json.loads(res_path.read_text())
+            continue
         console.print(
             f"[cyan]{fw}[/]: {args.steps} on-policy steps x {args.batch} prompts on {args.model} ..."
         )
