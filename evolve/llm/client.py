@@ -329,15 +329,27 @@ class ChatClient:
                 if not (probing and (e.status_code in _TRANSIENT or e.status_code >= 500)):
                     raise
                 # Transient: the client's own retries, less the attempt already spent.
-                out = self._send(kwargs, variant, schema, schema_name, strict, retries=self.max_retries - 1)
+                out = self._after_probe(kwargs, variant, schema, schema_name, strict)
             except openai.APIConnectionError:  # includes timeouts
                 if not probing:
                     raise
-                out = self._send(kwargs, variant, schema, schema_name, strict, retries=self.max_retries - 1)
+                out = self._after_probe(kwargs, variant, schema, schema_name, strict)
             with _formats_lock:
                 _formats[self.endpoint] = variant
             return out
         raise AssertionError("unreachable: the last variant returns or raises")
+
+    def _after_probe(
+        self, kwargs: dict[str, Any], variant: str, schema: dict[str, Any], schema_name: str, strict: bool
+    ) -> ChatResult:
+        """The retries left after a probe failed transiently; a failure counts the probe's attempt."""
+        import openai
+
+        try:
+            return self._send(kwargs, variant, schema, schema_name, strict, retries=self.max_retries - 1)
+        except openai.APIError as e:
+            e.evolve_attempts = getattr(e, "evolve_attempts", 1) + 1  # type: ignore[attr-defined]
+            raise
 
     def _send(
         self,
