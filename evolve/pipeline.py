@@ -396,11 +396,9 @@ def _fingerprint(fields: dict[str, Any], student: str, examples: Sequence[Traini
     return h.hexdigest()[:10]
 
 
-def _train(
-    fields: dict[str, Any], student: str, out_dir: Path, examples: Sequence[TrainingExample]
-) -> tuple[str, Any]:
-    """``evolve.train.trainer.train`` on the examples; a bad setting is one :class:`ConfigError` line."""
-    from evolve.train.trainer import TrainConfig, train
+def _train_config(fields: dict[str, Any], student: str, out_dir: Path) -> Any:
+    """The stage's ``TrainConfig``; a bad setting is one :class:`ConfigError` line."""
+    from evolve.train.trainer import TrainConfig
 
     try:
         config = TrainConfig.model_validate({**fields, "student": student, "output_dir": str(out_dir)})
@@ -408,6 +406,16 @@ def _train(
         err = e.errors()[0]
         loc = ".".join(str(x) for x in err["loc"])
         raise ConfigError(f"stages.train.{loc}: {err['msg'].removeprefix('Value error, ')}") from None
+    return config
+
+
+def _train(
+    fields: dict[str, Any], student: str, out_dir: Path, examples: Sequence[TrainingExample]
+) -> tuple[str, Any]:
+    """``evolve.train.trainer.train`` on the examples; a bad setting is one :class:`ConfigError` line."""
+    from evolve.train.trainer import train
+
+    config = _train_config(fields, student, out_dir)
     result = train(config, examples)
     # The loss the trainer used: its resolved default when the job left it unset.
     return getattr(result, "loss", None) or config.loss or "ce", result
@@ -418,14 +426,8 @@ def _train_on_policy(
 ) -> tuple[str, Any]:
     """``evolve.train.onpolicy.train_on_policy`` in the job's env; episodes recorded under the run."""
     from evolve.train.onpolicy import train_on_policy
-    from evolve.train.trainer import TrainConfig
 
-    try:
-        config = TrainConfig.model_validate({**fields, "student": student, "output_dir": str(out_dir)})
-    except ValidationError as e:
-        err = e.errors()[0]
-        loc = ".".join(str(x) for x in err["loc"])
-        raise ConfigError(f"stages.train.{loc}: {err['msg'].removeprefix('Value error, ')}") from None
+    config = _train_config(fields, student, out_dir)
     hooks = None
     if config.method == "skill_sd":
         if not knowledge:

@@ -44,6 +44,7 @@ import resource
 import shutil
 import time
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +73,7 @@ from evolve.train.trainer import (
     _Progress,
     _save_checkpoint,
     _save_final,
+    _settings_hash,
     _use_bf16,
 )
 
@@ -535,7 +537,7 @@ def train_on_policy(
                     if scores_needed and not w:
                         target = _dummy_target(b, teacher, device, inputs)
                     aux = _batch(ab, pad, device) if ab else None
-                    ctx = accelerator.no_sync(student) if not sync else _null()
+                    ctx = accelerator.no_sync(student) if not sync else nullcontext()
                     with ctx:
                         with accelerator.autocast():
                             main, extra = student(**inputs, target=target, aux=aux)
@@ -631,12 +633,6 @@ def train_on_policy(
     return result
 
 
-def _null() -> Any:
-    from contextlib import nullcontext
-
-    return nullcontext()
-
-
 def _dummy_row(tokenizer: Any) -> _Row:
     """A one-token row with weight 0: keeps every process's forward/backward count equal under DDP."""
     eos = tokenizer.eos_token_id or 0
@@ -666,12 +662,10 @@ def _dummy_target(rows: Sequence[_Row], teacher: Teacher | None, device: Any, in
 
 
 def _fingerprint(cfg: TrainConfig, env: EnvSpec, task_ids: Sequence[str]) -> str:
-    """What a checkpoint must match to be resumed: the settings that change the math, env and tasks."""
+    """What a checkpoint must match to be resumed: the trainer's settings hash, the env and the tasks."""
     import hashlib
-    import json
 
-    skip = {"output_dir", "resume", "save_every", "keep_checkpoints", "eval_every", "save_merged"}
-    h = hashlib.sha256(json.dumps(cfg.model_dump(exclude=skip), sort_keys=True, default=str).encode())
+    h = hashlib.sha256(_settings_hash(cfg).encode())
     h.update(env.model_dump_json().encode())
     h.update("|".join(task_ids).encode())
     return h.hexdigest()[:16]

@@ -703,12 +703,19 @@ def _step_plan(cfg: TrainConfig, n_batches: Callable[[int], int], micro: int) ->
     return plan[: cfg.max_steps] if cfg.max_steps else plan
 
 
+def _settings_hash(cfg: TrainConfig) -> str:
+    """A hash of the settings that change the math (not where it is written or how often saved)."""
+    skip = {"output_dir", "resume", "save_every", "keep_checkpoints", "eval_every", "save_merged"}
+    return hashlib.sha256(
+        json.dumps(cfg.model_dump(exclude=skip), sort_keys=True, default=str).encode()
+    ).hexdigest()
+
+
 def _fingerprint(
     cfg: TrainConfig, train_ex: Sequence[TrainingExample], eval_ex: Sequence[TrainingExample]
 ) -> str:
     """What a checkpoint must match to be resumed: the settings that change the math, and the data."""
-    skip = {"output_dir", "resume", "save_every", "keep_checkpoints", "eval_every", "save_merged"}
-    h = hashlib.sha256(json.dumps(cfg.model_dump(exclude=skip), sort_keys=True, default=str).encode())
+    h = hashlib.sha256(_settings_hash(cfg).encode())
     for e in [*train_ex, *eval_ex]:
         h.update(e.model_dump_json(include={"id", "messages", "privileged_context"}).encode())
     return h.hexdigest()[:16]
