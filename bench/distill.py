@@ -11,7 +11,8 @@ in; held-out games are never seen in training. Rows: the student before training
 training as the teacher, reverse KL), and, with ``--methods opsd pi_distill``, after pi-Distill too.
 
     python bench/local_llm.py hf --model qwen2.5-coder-0.5b
-    python bench/distill.py --steps 6 --threads 2          # results in bench/results/distill/
+    python bench/distill.py logprob --steps 6 --threads 2   # results in bench/results/distill/
+    python bench/distill.py table --rows teacher,before,sft,opsd   # the student table (student_table.py)
 
 Each method's training is resumable (its own output dir with checkpoints); the table is rebuilt from
 what is on disk.
@@ -83,8 +84,7 @@ def gold_scores(model: Any, tok: Any, states: list[tuple[list, list, str]]) -> d
     return res
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def logprob_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="qwen2.5-coder-0.5b")
     p.add_argument("--methods", nargs="+", default=["opsd"], choices=["opsd", "pi_distill"])
     p.add_argument("--steps", type=int, default=6)
@@ -95,8 +95,9 @@ def main() -> None:
     p.add_argument("--turns", type=int, default=4, help="oracle states per game for the measure")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="bench/results/distill")
-    args = p.parse_args()
 
+
+def logprob_main(args: argparse.Namespace) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
@@ -181,6 +182,22 @@ def main() -> None:
         console=console,
     )  # fmt: skip
     (out / "table.md").write_text(md + "\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="part", required=True)
+    logprob_args(sub.add_parser("logprob", help="gold-action log-prob at oracle states, before/after OPSD"))
+    from student_table import table_args
+
+    table_args(sub.add_parser("table", help="the student table: success of each row, without/with memory"))
+    args = p.parse_args(argv)
+    if args.part == "logprob":
+        logprob_main(args)
+    else:
+        from student_table import table_main
+
+        table_main(args)
 
 
 if __name__ == "__main__":
