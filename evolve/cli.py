@@ -161,6 +161,29 @@ def eval_(
         console.print(f"\n[bold green]report:[/] {result['report']}")
 
 
+@app.command("export-gguf")
+def export_gguf(
+    checkpoint: Path = typer.Argument(..., help="Merged HF checkpoint dir of a trained student."),
+    base: str = typer.Option(
+        ..., "--base", help="The GGUF the student was trained from (a path or pkg:<module>/<file>)."
+    ),
+    out: Path = typer.Option(..., "--out", help="The .gguf file to write."),
+    type_: str = typer.Option(
+        "f16", "--type", help="Type of the tensors training changed: f16 | q8_0 | f32."
+    ),
+) -> None:
+    """Export a trained student to GGUF for llama.cpp: the base file with only the tensors training
+    changed rewritten (its tokenizer and chat template kept)."""
+    from evolve.llm.gguf_export import export_gguf as export
+
+    r = export(checkpoint, base, out, changed_type=type_)  # type: ignore[arg-type]  # checked inside
+    console.print(
+        f"[bold green]gguf:[/] {escape(r.out_path)}: {len(r.rewritten)} rewritten ({r.changed_type}), "
+        f"{len(r.copied)} copied from the base; {r.out_bytes / 1e6:.1f} MB in {r.seconds:.1f} s",
+        soft_wrap=True,
+    )
+
+
 # ---------------------------------------------------------------- store
 @store_app.command("stats")
 def store_stats(store: str = StoreOpt, namespace: str | None = NsOpt) -> None:
