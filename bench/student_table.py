@@ -65,6 +65,9 @@ def table_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sft-lr", type=float, default=2e-4)
     p.add_argument("--op-steps", type=int, default=6, help="on-policy steps (opd, opsd, skill_sd)")
     p.add_argument("--gguf-type", default="f16", choices=["f16", "q8_0", "f32"])
+    p.add_argument(
+        "--teacher-arms", default="no_memory", help="arms of the teacher row (no_memory,evolve: both)"
+    )
     p.add_argument("--report-only", action="store_true")
 
 
@@ -252,10 +255,12 @@ def row_gguf(b: Bench, row: str, result: Any) -> Path:
 
 
 # ------------------------------------------------------------------------------------- eval
-def play(b: Bench, row: str, base_url: str, alias: str, know: list[Any], train: list[Any]) -> None:
+def play(
+    b: Bench, row: str, base_url: str, alias: str, know: list[Any], train: list[Any], arms: Any = ARMS
+) -> None:
     from evolve.eval.harness import arm_hooks
 
-    for arm in ARMS:
+    for arm in arms:
         hooks = arm_hooks(arm, b.memory, know, train)
         trajs = b.episodes.run(
             f"{row}:{arm}", b.tasks["test"], hooks=hooks, policy=openai_spec(alias, base_url)
@@ -287,7 +292,8 @@ def table_main(args: argparse.Namespace) -> None:
                 f"  knowledge: {len(know)} active; teacher won {sum(t.success for t in teacher)}/{len(teacher)} train games"
             )
             if "teacher" in rows:
-                play(b, "teacher", url, args.teacher, know, oracle + teacher)
+                arms = [x for x in args.teacher_arms.split(",") if x in ARMS]
+                play(b, "teacher", url, args.teacher, know, oracle + teacher, arms)
         train = oracle + teacher
         if "oracle" in rows:
             from evolve.specs import PolicySpec
