@@ -1,11 +1,19 @@
-"""Does evolving knowledge help? Three arms on held-out tasks, same base policy, same seeds.
+"""Does evolving knowledge help? Arms on held-out tasks, same base policy, same seeds.
 
-Arms (``--arms``):
+Arms (``--arms``; the first three by default):
 
-* ``no_memory``      the base policy alone;
-* ``raw_retrieval``  static retrieval of raw past successful trajectories (``RawTrajectoryMemory``);
-* ``evolve``         skills + guardrails + replanning (``EvolveMemory``) after distillation on the
-                     train experience and probation on dev tasks.
+* ``no_memory``       the base policy alone;
+* ``raw_retrieval``   static retrieval of raw past successful trajectories (``RawTrajectoryMemory``):
+                      excerpts in the prompt, and replayed actions;
+* ``evolve``          skills + guardrails + replanning (``EvolveMemory``) after distillation on the
+                      train experience and probation on dev tasks: context, enforced guardrails, and
+                      skill steps the memory executes itself;
+* ``evolve_context``  evolve's memory as context only: skills and guardrails in the prompt,
+                      guardrails and the loop guard enforced, no skill step executed by the memory;
+* ``raw_exemplars``   raw retrieval as exemplars only (excerpts, no replayed action).
+
+The last two say where a gain comes from: what the memory *says* to the model against what it
+*does* for it (``evolve - evolve_context``, ``evolve_context - no_memory`` in the paired table).
 
 Knowledge is learned on TRAIN tasks only (``--knowledge``: the base policy's own experience,
 oracle demos, or both), activated by probation on DEV tasks, and measured on TEST tasks. Every
@@ -13,7 +21,8 @@ finished episode is written at once to ``OUT/store.duckdb`` keyed by (arm, task,
 skips what is done (``--arms``, ``--tasks``, ``--trials`` pick subsets). It reports success rate,
 score (0-100) and steps with bootstrap 95% CIs, paired deltas, the success curve as knowledge
 accumulates, and failure causes per arm; PNGs, ``report.md`` and ``results.json`` go to OUT.
-``--adapt-tasks N`` adds CLIN's ADAPT curve. A thin script: the arms, probation runner, learning
+``--adapt-tasks N`` adds CLIN's ADAPT curve (``--adapt-temperature T``: LLM policies sample at T
+with the policy seed varying by trial, so trials can differ). A thin script: the arms, probation runner, learning
 curve, ADAPT, usage write-back and report are ``evolve.eval``'s, the memory ``evolve.skills``'.
 
     python bench/evolution.py                                  # offline: random policy, TextWorld
@@ -64,7 +73,8 @@ from evolve.skills import MemoryConfig, distill_knowledge, knowledge_of, run_pro
 from evolve.specs import EnvSpec, PolicySpec
 from evolve.stores import ExperienceStore, make_embedder
 
-ARMS = ("no_memory", "raw_retrieval", "evolve")
+ARMS = ("no_memory", "raw_retrieval", "evolve", "evolve_context", "raw_exemplars")
+DEFAULT_ARMS = ("no_memory", "raw_retrieval", "evolve")
 CONSOLE = Console(width=max(140, shutil.get_terminal_size((140, 40)).columns))
 
 
@@ -89,7 +99,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="own+oracle",
         help="experience to learn from: the base policy's own, oracle demos, or both",
     )
-    ap.add_argument("--arms", default=",".join(ARMS))
+    ap.add_argument("--arms", default=",".join(DEFAULT_ARMS), help=f"comma-separated, of: {', '.join(ARMS)}")
     ap.add_argument("--max-steps", type=int, default=50)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
@@ -112,6 +122,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "memory carried from trial to trial (0 = off)",
     )
     ap.add_argument("--adapt-trials", type=int, default=5)
+    ap.add_argument(
+        "--adapt-temperature",
+        type=float,
+        default=None,
+        help="ADAPT only: sample the policy at this temperature, its seed varying with the trial "
+        "(default: the policy as the arms run it, greedy and the same seed every trial)",
+    )
     ap.add_argument(
         "--adapt-start",
         choices=["empty", "knowledge"],
@@ -219,6 +236,12 @@ def experience(args: argparse.Namespace, episodes: Episodes, train_tasks: list[T
         key=lambda t: (order.get(t.task_id, len(order)), t.run_id == "train:oracle", t.seed or 0, t.id)
     )
     return trajs
+
+
+def adapt_label(args: argparse.Namespace, trial: int) -> str:
+    """The run id of ADAPT trial ``trial``; a sampled run is kept apart from a greedy one."""
+    temp = args.adapt_temperature
+    return f"adapt:{args.adapt_start}:" + (f"t{temp:g}:" if temp is not None else "") + str(trial)
 
 
 def _probation_label(arm: str, knowledge: Any) -> str:
@@ -332,8 +355,10 @@ def main(argv: list[str] | None = None) -> None:
             trials=a.adapt_trials,
             seed=a.seed,
             base_knowledge=knowledge_of(store, ns) if a.adapt_start == "knowledge" else [],
-            label=lambda k: f"adapt:{a.adapt_start}:{k}",
+            label=lambda k: adapt_label(a, k),
             log=log,
+            temperature=a.adapt_temperature,
+            vary_seed=a.adapt_temperature is not None and a.adapt_temperature > 0,
         )
     report(a, ns, tasks, store, results, info, curve, adapt_pts, train, out, time.perf_counter() - t0)
     store.close()
@@ -366,7 +391,9 @@ def report(
         comparisons=compare_arms(results),
         curve=curve,
         adapt=adapt_pts,
-        adapt_title=f"ADAPT: same task, {a.adapt_trials} trials, memory carried (start: {a.adapt_start})",
+        adapt_title=f"ADAPT: same task, {a.adapt_trials} trials, memory carried (start: {a.adapt_start}"
+        + (f", sampled at T={a.adapt_temperature:g}, seed + trial" if a.adapt_temperature else "")
+        + ")",
         knowledge=info,
         caption=(
             f"{a.env} test: {len(tasks['test'])} tasks x {a.trials} seeds, max {a.max_steps} steps, "
@@ -381,7 +408,10 @@ def report(
         "namespace": ns,
         "args": vars(a),
         "arms": {m.arm: m.model_dump() for m in arms},
-        "comparisons": {c.b: c.model_dump() for c in rep.comparisons},
+        # evolve's comparisons keyed by the other arm (as before the ablation arms), the rest "a-b".
+        "comparisons": {
+            (c.b if c.a == "evolve" else f"{c.a}-{c.b}"): c.model_dump() for c in rep.comparisons
+        },
         "knowledge": info,
         "curve": [p.model_dump() for p in curve],
         "adapt": [

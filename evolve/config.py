@@ -14,7 +14,8 @@ from evolve.errors import ConfigError
 from evolve.specs import PolicySpec
 
 STAGES = ("collect", "diagnose", "distill", "synth", "train", "eval")
-ARMS = ("no_memory", "raw_retrieval", "evolve", "oracle")
+# The eval harness's arms (evolve.eval.harness.ARMS; not imported: config stays light).
+ARMS = ("no_memory", "raw_retrieval", "evolve", "evolve_context", "raw_exemplars", "oracle")
 QUICKSTART = Path(__file__).parent / "examples" / "quickstart.yaml"
 MAX_JOB_BYTES = 1 << 20
 """A job file is a few KiB; anything over 1 MiB is refused before it is parsed."""

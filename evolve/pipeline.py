@@ -45,21 +45,39 @@ def memory_for(
 ) -> Memory:
     """The skills package wired into the eval harness: evolve / raw-trajectory hooks, snapshots
     distilled from trajectories alone (items the store retired left out), usage per item;
-    ``reranker`` (a trained reranker's directory) reranks/filters the evolve arm's retrievals."""
-    from evolve.skills import EvolveMemory, RawTrajectoryMemory, distill_snapshot, usage_from_trajectories
+    ``reranker`` (a trained reranker's directory) reranks/filters the evolve arm's retrievals.
+
+    The context-only ablations are the same memories with their acting switched off: evolve with
+    ``propose=False`` (guardrails and the loop guard still enforced), raw retrieval with
+    ``propose=False`` (excerpts shown, nothing replayed)."""
+    from evolve.skills import (
+        EvolveMemory,
+        MemoryConfig,
+        RawTrajectoryMemory,
+        distill_snapshot,
+        usage_from_trajectories,
+    )
 
     evolve_kw: dict[str, Any] = {"embedder": embedder}
     if reranker is not None:
         evolve_kw["reranker"] = reranker
     if env is not None:
         evolve_kw["env"] = env
+    context_config = (config if config is not None else MemoryConfig()).model_copy(update={"propose": False})
     if config is not None:
         evolve_kw["config"] = config
+    raw_kw = dict(raw_kwargs or {})
     return Memory(
         evolve=lambda knowledge: EvolveMemory.factory(list(knowledge), **evolve_kw),
-        raw=lambda trajs: RawTrajectoryMemory.factory(list(trajs), embedder=embedder, **(raw_kwargs or {})),
+        raw=lambda trajs: RawTrajectoryMemory.factory(list(trajs), embedder=embedder, **raw_kw),
         distill=lambda trajs: list(distill_snapshot(trajs, store, namespace)),
         usage=usage_from_trajectories,
+        evolve_context=lambda knowledge: EvolveMemory.factory(
+            list(knowledge), **{**evolve_kw, "config": context_config}
+        ),
+        raw_exemplars=lambda trajs: RawTrajectoryMemory.factory(
+            list(trajs), embedder=embedder, **{**raw_kw, "propose": False}
+        ),
     )
 
 

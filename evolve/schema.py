@@ -517,6 +517,10 @@ class Checkpoint(_Model):
     updated_at: datetime = Field(default_factory=utcnow)
 
 
+BLOCKED_TITLE = "Refused in this state (not admissible now; choose another action):"
+"""The title of the memory block's section that lists :attr:`MemoryContext.blocked`."""
+
+
 class MemoryContext(_Model):
     """What memory hands the planner for one step: injected knowledge and control notes."""
 
@@ -526,10 +530,14 @@ class MemoryContext(_Model):
     """Raw past-trajectory excerpts (the static-retrieval baseline)."""
     notes: list[str] = Field(default_factory=list)
     """Replanning messages and reasons for blocked actions, newest last."""
+    blocked: list[str] = Field(default_factory=list)
+    """Actions refused in this state (by a guardrail or the loop guard). The planner is shown them
+    as refused and *not* among the admissible actions, and an answer naming one is not accepted:
+    a re-ask that offers the refused action again only spends another call on it."""
 
     @property
     def empty(self) -> bool:
-        return not (self.skills or self.guardrails or self.examples or self.notes)
+        return not (self.skills or self.guardrails or self.examples or self.notes or self.blocked)
 
     def prompt_text(self) -> str:
         """The block injected into an LLM planner's prompt ('' when there is nothing)."""
@@ -546,6 +554,11 @@ class MemoryContext(_Model):
         if self.notes:
             parts.append("Notes:")
             parts += [f"- {n}" for n in self.notes]
+        if self.blocked:
+            # Last, one action per line: the prompt code reads this section back from a recorded
+            # block (``evolve.llm.prompts.blocked_actions``) to re-render the shortened action list.
+            parts.append(BLOCKED_TITLE)
+            parts += [f"- {a}" for a in dict.fromkeys(self.blocked)]
         return "\n".join(parts)
 
 

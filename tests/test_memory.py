@@ -323,18 +323,25 @@ def test_textworld_held_out_games_random_plus_memory_beats_random() -> None:
         know = distill_snapshot(demos)
         assert any(isinstance(k, Skill) for k in know)
         base = evo = 0
-        for t in env.tasks("test"):
-            r = run_episode(env, make_policy({"kind": "random", "seed": 0}), t, max_steps=40)
-            e = run_episode(
-                env, make_policy({"kind": "random", "seed": 0}), t, hooks=EvolveMemory(know), max_steps=40
-            )
-            base += r.success
-            evo += e.success
-            assert e.outcome != Outcome.error
-        print(f"textworld held-out: random {base}/3, random + EvolveMemory {evo}/3")
-        # Deterministic (fixed games and seeds). Measured 0/3 vs 2/3 here (3/3 with 8 demos), and
-        # 5% vs 85% on 60 held-out episodes in bench/evolution.py: a robust, strict gain.
-        assert evo > base and evo >= 2
+        for seed in (0, 1):
+            for t in env.tasks("test"):
+                r = run_episode(env, make_policy({"kind": "random", "seed": seed}), t, max_steps=40)
+                e = run_episode(
+                    env,
+                    make_policy({"kind": "random", "seed": seed}),
+                    t,
+                    hooks=EvolveMemory(know),
+                    max_steps=40,
+                )
+                base += r.success
+                evo += e.success
+                assert e.outcome != Outcome.error
+        print(f"textworld held-out: random {base}/6, random + EvolveMemory {evo}/6")
+        # Deterministic (fixed games and seeds). Measured 0/6 vs 4/6 here (seeds 0-3: 9/12; the
+        # random policy never redraws an action the memory refuses in that state, so one seed's
+        # episodes move with any change to the refusals: two seeds keep the test about the memory),
+        # and 5% vs 85% on 60 held-out episodes in bench/evolution.py: a robust, strict gain.
+        assert evo > base and evo >= 4
     finally:
         env.close()
 

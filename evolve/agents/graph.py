@@ -4,7 +4,7 @@ One step of the loop is a chain of small nodes::
 
     observe -> retrieve -> plan -> guard -> env_step -> record -> diagnose -> (observe | END)
                              ^        |                   ^
-                             +--------+ (blocked, <= 2 re-asks)
+                             +--------+ (blocked, <= 2 re-asks, without the refused actions)
                                       +-------------------+ (blocked a 3rd time: a failed step)
 
 The graph is compiled once per process; everything live (env, policy, hooks, the per-episode
@@ -193,10 +193,13 @@ def guard(state: AgentState, runtime: Runtime[AgentContext]) -> dict[str, Any]:
     reason = verdict.reason or f"guardrail {verdict.guardrail_id or '?'} forbids '{action.text}'"
     note = f"Action '{action.text}' was blocked: {reason}. Choose a different action."
     reasks = state["reasks"] + 1
+    # The re-ask neither lists the refused action nor accepts it (MemoryContext.blocked): a small
+    # model shown the same list proposes the same action again, and each re-ask costs a call.
+    blocked = [*memory.blocked, action.text] if action.text else list(memory.blocked)
     update: dict[str, Any] = {
         "blocked": reason,
         "reasks": reasks,
-        "memory": memory.model_copy(update={"notes": [*memory.notes, note]}),
+        "memory": memory.model_copy(update={"notes": [*memory.notes, note], "blocked": blocked}),
         "timings": timings,
     }
     if reasks > MAX_REASKS:

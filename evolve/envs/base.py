@@ -9,7 +9,14 @@ from evolve.schema import Observation, Privileged, Split, Task
 
 @runtime_checkable
 class Env(Protocol):
-    """A benchmark adapter. One instance owns one engine (one JVM, one game process)."""
+    """A benchmark adapter. One instance owns one engine (one JVM, one game process).
+
+    ``EnvState.facts`` are the state as predicates. An env that knows what its objects are adds
+    class facts, ``is_<category>(x)`` and ``type_<class>(x)`` (ScienceWorld: ``is_living_thing(dove)``,
+    ``type_dove(dove)``): memory binds skills and generalises fatal-action guardrails over them
+    (``evolve.skills.predicates.KIND_PREFIXES``), so knowledge carries across variations whose
+    objects have other names.
+    """
 
     name: str
 

@@ -10,6 +10,7 @@ when it dies.
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from collections.abc import Sequence
@@ -33,6 +34,51 @@ DEFAULT_TASKS = (
 
 _TASK_ID = re.compile(r"sw-(?P<name>[a-z0-9-]+)-v(?P<var>\d+)")
 _ARTICLE = re.compile(r"^(?:a|an|the|some)\s+", re.IGNORECASE)
+
+# ScienceWorld's object classes live in packages that say what an object is
+# (``scienceworld.objects.livingthing.animals.Bee``): these packages become class facts.
+_CATEGORIES = {
+    "livingthing": "living thing",
+    "animals": "animal",
+    "plant": "plant",
+    "containers": "container",
+    "furniture": "furniture",
+    "devices": "device",
+    "document": "document",
+    "electricalcomponent": "electrical component",
+    "substance": "substance",
+    "food": "food",
+    "paint": "paint",
+    "portal": "portal",
+    "location": "location",
+}
+# Referents every object of a category shares ("living thing", "organism"): no object's name.
+_GENERIC_REFERENTS = frozenset([*_CATEGORIES.values(), "organism", "adult plant", "thing", "object", "room"])
+
+
+def _words_of_class(name: str) -> str:
+    """``BeeHive`` -> ``bee hive``."""
+    return " ".join(w.lower() for w in re.findall(r"[A-Z][a-z0-9]*|[a-z0-9]+", name))
+
+
+def class_predicates(class_name: str) -> list[str]:
+    """The class facts' predicate names of an object of ScienceWorld class ``class_name``.
+
+    ``scienceworld.objects.livingthing.animals.Bee`` -> ``["is_living_thing", "is_animal",
+    "type_bee"]``: ``is_<category>`` for each package that names a category, ``type_<class>`` for
+    the class itself (``type_answer_box`` for a task's answer box; the agent gets none). They are what an object
+    *is*, so they never change; memory binds skills and generalises fatal-action guardrails over
+    them (``evolve.skills.predicates.KIND_PREFIXES``) instead of over the object's name.
+    """
+    parts = class_name.split(".")
+    if len(parts) < 3 or parts[0] != "scienceworld" or parts[2] == "agent":
+        return []
+    cats = [_CATEGORIES[p] for p in parts[2:-1] if p in _CATEGORIES]
+    out = [f"is_{c.replace(' ', '_')}" for c in dict.fromkeys(cats)]
+    leaf = _words_of_class(parts[-1])
+    if leaf and leaf not in cats:
+        out.append(f"type_{leaf.replace(' ', '_')}")
+    return out
 
 
 def known_task_names() -> list[str]:
@@ -125,6 +171,16 @@ def parse_look(look: str) -> tuple[str | None, list[str], list[str]]:
     return location, visible, sorted(facts)
 
 
+def _mentioned(name: str, joined_actions: str | None) -> bool:
+    """Does ``name`` occur in some valid action (``focus on <name>``)? True without a list.
+
+    ``joined_actions``: the valid actions joined by newlines, with a newline at both ends (one
+    substring search per name instead of a scan of ScienceWorld's thousands of actions)."""
+    if joined_actions is None:
+        return True
+    return f" {name}\n" in joined_actions or f" {name} " in joined_actions
+
+
 def parse_inventory(inv: str) -> list[str]:
     """Top-level item names from an ``inventory`` text."""
     return [n for n in (_name(line) for line in inv.splitlines() if line.startswith("\t")) if n]
@@ -208,6 +264,7 @@ class ScienceWorldEnv:
         self._last_score = 0
         self._last_look = ""
         self._last: Observation | None = None
+        self._types: dict[int, str] | None = None
 
     # ------------------------------------------------------------------ engine
 
@@ -237,6 +294,7 @@ class ScienceWorldEnv:
             return
         alive = self._alive()
         sw, self._sw = self._sw, None
+        self._types = None
         gateway = sw._gateway
         try:
             if alive:
@@ -289,9 +347,40 @@ class ScienceWorldEnv:
             "look": server.freeActionLook(),
             "inv": server.freeActionInventory(),
             "valid": self._valid_actions() if self.admissible and valid else None,
+            "kinds": self._kinds() if valid else {},
         }
         self._last_score = score
         return text, info
+
+    def _kinds(self) -> dict[str, list[str]]:
+        """Class predicates per name of every object: all the names the engine accepts for it
+        (actions say ``focus on dove`` while the room lists a "dove egg"). The observation keeps
+        the names in view (listed, carried, or in a valid action). Two JSON calls to the engine
+        (~10-50 ms on a busy machine, against 0.1-0.7 s for the step itself)."""
+        server = self._sw.server
+        objects = json.loads(server.getAllObjectIdsTypesReferentsLUTJSON())
+        # Doors list no usable referent there ("error: should use override for portal."): the
+        # in-view table has the name actions use.
+        in_view = json.loads(server.getPossibleObjectReferentLUTJSON())
+        types = self._type_names()
+        out: dict[str, list[str]] = {}
+        for oid, obj in objects.items():
+            preds = class_predicates(types.get(int(obj.get("type_id", -1)), ""))
+            if not preds:
+                continue
+            for name in {*obj.get("referents", []), in_view.get(oid, "")}:
+                n = name.strip().lower()
+                if n and n not in _GENERIC_REFERENTS:
+                    out.setdefault(n, [])
+                    out[n] += [p for p in preds if p not in out[n]]
+        return out
+
+    def _type_names(self) -> dict[int, str]:
+        """Object type id -> class name (the engine's table; read once per JVM)."""
+        if self._types is None:
+            lut = json.loads(self._sw.server.getObjectTypesLUTJSON())
+            self._types = {int(v): k for k, v in lut.items()}
+        return self._types
 
     def _load(self, name: str, variation: int, gold: bool) -> None:
         self._sw.load(name, variation, self.simplification, generateGoldPath=gold)
@@ -405,6 +494,14 @@ class ScienceWorldEnv:
         self._last_look = info["look"]
         location, visible, facts = parse_look(info["look"] or "")
         inventory = parse_inventory(info["inv"] or "")
+        # Class facts for the names the agent can see or use: the listing's, the inventory's, and
+        # the engine's action referents (``focus on dove`` while the room lists a "dove egg").
+        shown = {n.lower() for n in [*visible, *inventory]}
+        kinds: dict[str, list[str]] = info.get("kinds") or {}
+        valid = info.get("valid")
+        joined = None if valid is None else "\n" + "\n".join(valid) + "\n"
+        names = sorted(shown | {n for n in kinds if _mentioned(n, joined)})
+        facts = [*facts, *(f"{p}({n})" for n in names for p in kinds.get(n, []))]
         score = float(info["score"])
         won = score >= 100
         lost = score < 0  # ScienceWorld reports -100 when the task is failed (e.g. wrong focus)

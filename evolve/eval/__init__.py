@@ -5,6 +5,8 @@ runner, usage write-back) and reports with plots. Memory arrives from the recipe
 from evolve.eval.adapt import adapt
 from evolve.eval.harness import (
     ARMS,
+    COMPARISONS,
+    CONTEXT_ARMS,
     Episodes,
     Memory,
     ProbationRunner,
@@ -21,6 +23,8 @@ from evolve.eval.report import AdaptPoint, CurvePoint, EvalReport, print_report,
 
 __all__ = [
     "ARMS",
+    "COMPARISONS",
+    "CONTEXT_ARMS",
     "AdaptPoint",
     "ArmMetrics",
     "Comparison",

@@ -1,20 +1,67 @@
 """ADAPT, CLIN's protocol (Majumder et al., 2023): the same task over K trials, memory carried.
 
 Trial ``k`` of a task runs with knowledge distilled from that task's trials ``1..k-1`` only (plus
-``base_knowledge``: empty for CLIN's ADAPT, or the probated train knowledge), with the same seed
-every trial, so what changes between trials is the memory alone. Each trial is its own arm label,
-so a rerun resumes where it stopped.
+``base_knowledge``: empty for CLIN's ADAPT, or the probated train knowledge), each item carrying
+the uses, successes and failures it had in those trials (so an item that was used in failed
+trials ranks lower next time, even when the distilled set is the same). Each trial is its own arm
+label, so a rerun resumes where it stopped.
+
+A flat curve must mean "no learning", not "the same episode again": with a greedy policy and a
+fixed seed, a trial whose memory did not change replays the previous trial token for token (the
+1.5B ScienceWorld run: trials 2-5 identical). ``temperature`` makes an LLM policy sample, and
+``vary_seed`` gives trial ``k`` the policy seed ``seed + k - 1`` (a sampling server with a fixed
+seed repeats itself too); the episode seed, i.e. the task instance, stays ``seed`` every trial.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from evolve.errors import ConfigError
 from evolve.eval.harness import Episodes, Memory
 from evolve.eval.metrics import arm_metrics
 from evolve.eval.report import AdaptPoint
 from evolve.schema import Knowledge, Task, Trajectory
+from evolve.specs import PolicySpec
+
+
+def trial_policy(
+    policy: PolicySpec | dict[str, Any],
+    trial: int,
+    *,
+    seed: int = 0,
+    temperature: float | None = None,
+    vary_seed: bool = False,
+) -> PolicySpec:
+    """The policy spec of ADAPT trial ``trial`` (1-based): ``temperature`` when given, and the
+    policy seed ``(its own seed, else seed) + trial - 1`` when ``vary_seed``."""
+    spec = PolicySpec.parse(policy)
+    update: dict[str, object] = {}
+    if temperature is not None:
+        update["temperature"] = temperature
+    if vary_seed:
+        update["seed"] = (spec.seed if spec.seed is not None else seed) + trial - 1
+    return spec.model_copy(update=update) if update else spec
+
+
+def with_usage(knowledge: Sequence[Knowledge], usage: Mapping[str, tuple[int, int, int]]) -> list[Knowledge]:
+    """Copies of ``knowledge`` whose stats add the ``(uses, successes, failures)`` of ``usage``."""
+    out: list[Knowledge] = []
+    for k in knowledge:
+        u = usage.get(k.id)
+        if u is None:
+            out.append(k)
+            continue
+        stats = k.stats.model_copy(
+            update={
+                "uses": k.stats.uses + u[0],
+                "successes": k.stats.successes + u[1],
+                "failures": k.stats.failures + u[2],
+            }
+        )
+        out.append(k.model_copy(update={"stats": stats}))
+    return out
 
 
 def adapt(
@@ -28,8 +75,14 @@ def adapt(
     label: Callable[[int], str] = lambda k: f"adapt:{k}",
     n_boot: int = 2000,
     log: Callable[[str], None] | None = None,
+    temperature: float | None = None,
+    vary_seed: bool = False,
 ) -> list[AdaptPoint]:
-    """Run ADAPT on ``tasks`` and return per-trial success and score (bootstrap CIs over tasks)."""
+    """Run ADAPT on ``tasks`` and return per-trial success and score (bootstrap CIs over tasks).
+
+    ``temperature`` / ``vary_seed``: see the module docstring (None / False: the policy as given,
+    the same every trial).
+    """
     if memory.distill is None:
         raise ConfigError("ADAPT needs Memory.distill (knowledge from a task's earlier trials)")
     if trials < 1:
@@ -40,7 +93,12 @@ def adapt(
         history: list[Trajectory] = []
         for k in per_trial:
             snap = [*base_knowledge, *(memory.distill(history) if history else [])]
-            trajs = episodes.run(label(k), [task], hooks=memory.evolve(snap), seeds=(seed,), trials=1)
+            if history and memory.usage is not None:
+                snap = with_usage(snap, memory.usage(history))
+            policy = trial_policy(episodes.policy, k, seed=seed, temperature=temperature, vary_seed=vary_seed)
+            trajs = episodes.run(
+                label(k), [task], hooks=memory.evolve(snap), policy=policy, seeds=(seed,), trials=1
+            )
             history += trajs
             per_trial[k] += trajs
             memories[k].append(len(snap))

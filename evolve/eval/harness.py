@@ -27,9 +27,19 @@ from evolve.stores import ExperienceStore
 HooksFactory = Callable[[], AgentHooks]
 Usage = Mapping[str, tuple[int, int, int]]
 
-ARMS = ("no_memory", "raw_retrieval", "evolve", "oracle")
+ARMS = ("no_memory", "raw_retrieval", "evolve", "evolve_context", "raw_exemplars", "oracle")
 """``no_memory`` the base policy alone; ``raw_retrieval`` retrieval of raw past trajectories;
-``evolve`` skills + guardrails + replanning; ``oracle`` the env's oracle policy (a ceiling)."""
+``evolve`` skills + guardrails + replanning; ``oracle`` the env's oracle policy (a ceiling).
+
+The two ablations say where a memory's gain comes from: ``evolve_context`` is evolve's memory as
+context only (skills and guardrails shown, guardrails and the loop guard enforced, no skill step
+executed by the memory), ``raw_exemplars`` raw retrieval as exemplars only (excerpts shown, no
+replayed action), the way exemplar-based agents use it. Both full memory arms also *act* (they
+execute skill steps / replay actions without asking the policy), so without these two a reader
+cannot tell what the memory says to the model from what it does for it."""
+
+CONTEXT_ARMS = ("evolve_context", "raw_exemplars")
+"""Arms whose memory never takes a step itself: every action comes from the policy."""
 
 
 @dataclass(frozen=True)
@@ -46,6 +56,10 @@ class Memory:
     raw: Callable[[Sequence[Trajectory]], HooksFactory] | None = None
     distill: Callable[[Sequence[Trajectory]], list[Knowledge]] | None = None
     usage: Callable[[Sequence[Trajectory]], Usage] | None = None
+    evolve_context: Callable[[Sequence[Knowledge]], HooksFactory] | None = None
+    """``evolve`` without macro execution (the ``evolve_context`` arm)."""
+    raw_exemplars: Callable[[Sequence[Trajectory]], HooksFactory] | None = None
+    """``raw`` without replayed actions (the ``raw_exemplars`` arm)."""
 
 
 @dataclass
@@ -138,6 +152,14 @@ def arm_hooks(
         return memory.raw(train)
     if arm == "evolve":
         return memory.evolve(knowledge)
+    if arm == "evolve_context":
+        if memory.evolve_context is None:
+            raise ConfigError("arm 'evolve_context' needs a context-only memory (Memory.evolve_context)")
+        return memory.evolve_context(knowledge)
+    if arm == "raw_exemplars":
+        if memory.raw_exemplars is None:
+            raise ConfigError("arm 'raw_exemplars' needs an exemplar-only memory (Memory.raw_exemplars)")
+        return memory.raw_exemplars(train)
     raise ConfigError(f"unknown arm {arm!r}; arms are: {', '.join(ARMS)}")
 
 
@@ -167,14 +189,24 @@ def run_arms(
     return out
 
 
+COMPARISONS = (
+    ("evolve", "no_memory"),
+    ("evolve", "raw_retrieval"),
+    ("evolve", "evolve_context"),
+    ("evolve_context", "no_memory"),
+    ("evolve_context", "raw_exemplars"),
+    ("raw_retrieval", "raw_exemplars"),
+    ("raw_exemplars", "no_memory"),
+)
+"""Paired differences reported when both arms ran: the headline (evolve against both baselines),
+then the decomposition: what executing adds to the context (``evolve - evolve_context``,
+``raw_retrieval - raw_exemplars``) and what the context alone adds (``... - no_memory``)."""
+
+
 def compare_arms(results: Mapping[str, Sequence[Trajectory]], n_boot: int = 2000) -> list[Comparison]:
-    """evolve - no_memory and evolve - raw_retrieval, paired on (task, seed, trial)."""
-    if "evolve" not in results:
-        return []
+    """The :data:`COMPARISONS` whose two arms both ran, paired on (task, seed, trial)."""
     return [
-        compare("evolve", results["evolve"], other, results[other], n_boot)
-        for other in ("no_memory", "raw_retrieval")
-        if other in results
+        compare(a, results[a], b, results[b], n_boot) for a, b in COMPARISONS if a in results and b in results
     ]
 
 
@@ -308,6 +340,8 @@ def knowledge_counts(store: ExperienceStore, namespace: str | None = None) -> di
 
 __all__ = [
     "ARMS",
+    "COMPARISONS",
+    "CONTEXT_ARMS",
     "Episodes",
     "HooksFactory",
     "Memory",

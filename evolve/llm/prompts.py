@@ -37,7 +37,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from evolve.schema import Action, EnvState, MemoryContext, Observation, Step
+from evolve.schema import BLOCKED_TITLE, Action, EnvState, MemoryContext, Observation, Step
 from evolve.text import clip, extract_json_object, normalise_command, tokenize
 
 ActionFormat = Literal["json", "command"]
@@ -66,6 +66,7 @@ _OTHER_TITLES = (
     "Rules learned from past failures",
     "Excerpts of past episodes:",
     "Notes:",
+    BLOCKED_TITLE,
 )
 
 
@@ -130,6 +131,36 @@ def skills_text(memory_prompt: str) -> str:
     for title in _OTHER_TITLES:
         section = section.split("\n" + title, 1)[0]
     return section.strip()
+
+
+def blocked_actions(memory: MemoryContext | str | None) -> list[str]:
+    """The actions a memory block refuses in this state (:attr:`MemoryContext.blocked`).
+
+    Read from the rendered block, so that a prompt re-rendered from a recorded step
+    (``Step.memory_prompt``) drops exactly the actions the live prompt dropped.
+    """
+    if isinstance(memory, MemoryContext):
+        return list(dict.fromkeys(memory.blocked))
+    text = memory or ""
+    if BLOCKED_TITLE not in text:
+        return []
+    section = text.split(BLOCKED_TITLE, 1)[1]
+    return list(dict.fromkeys(ln[2:].strip() for ln in section.splitlines() if ln.startswith("- ")))
+
+
+def allowed_actions(admissible: Sequence[str] | None, memory: MemoryContext | str | None) -> list[str] | None:
+    """The admissible actions minus those the memory refuses in this state (None stays None).
+
+    Refused actions are matched normalised; when every admissible action is refused the full list
+    is kept, since an empty list would leave the policy nothing to answer with.
+    """
+    if admissible is None:
+        return None
+    refused = {normalise_command(a) for a in blocked_actions(memory)}
+    if not refused:
+        return list(admissible)
+    kept = [a for a in admissible if normalise_command(a) not in refused]
+    return kept or list(admissible)
 
 
 def memory_prompt_of(memory: MemoryContext | str | None) -> str:
@@ -266,12 +297,13 @@ def build_messages(
     mem = memory_prompt_of(memory)
     if mem:
         block += ["", mem]
-    if obs.admissible_actions:
+    admissible = allowed_actions(obs.admissible_actions, mem)
+    if admissible:
         recent = [s.action.text for s in history[-3:]]
         shown = select_actions(
-            obs.admissible_actions, goal, obs.text, skills_text(mem), cap=opts.max_actions, recent=recent
+            admissible, goal, obs.text, skills_text(mem), cap=opts.max_actions, recent=recent
         )
-        total = len(set(obs.admissible_actions))
+        total = len(set(admissible))
         title = "Admissible actions"
         if len(shown) < total:
             title += f" ({len(shown)} most relevant of {total}; any admissible command is accepted)"

@@ -65,6 +65,9 @@ from evolve.skills.predicates import (
     CONSTANT_ARGS,
     SLOT,
     format_predicate,
+    goal_kinds,
+    is_kind_predicate,
+    kind_phrase,
     parse_predicate,
     template_regex,
 )
@@ -339,8 +342,8 @@ def _verification(pre: EnvState, post: EnvState, slots: SlotMap, entities: Seque
     out: list[str] = []
     for f, neg in [(f, False) for f in d.facts_added] + [(f, True) for f in d.facts_removed]:
         p = parse_predicate(f)
-        if p is None or not (set(p[2]) & ents):
-            continue
+        if p is None or not (set(p[2]) & ents) or is_kind_predicate(f):
+            continue  # class facts come and go with what is in view: no effect of the action
         t = template_predicate(f, slots)
         if t is not None:
             out.append(("not " if neg else "") + t)
@@ -387,6 +390,7 @@ def distill_skills(
     """
     trajs, _ = coerce_trajectories(trajectories)
     acc: dict[tuple[Any, ...], _SkillAcc] = {}
+    vocabulary = kind_vocabulary(trajs)
     for t in trajs:
         if env and t.env != env:
             continue
@@ -402,9 +406,9 @@ def distill_skills(
             # Atomic skills: each kept step with its own context.
             if atomic:
                 for i in chain:
-                    _add_instance(acc, t, [i], family, "atomic")
+                    _add_instance(acc, t, [i], family, "atomic", vocabulary)
             if macros and 2 <= len(chain) <= max_macro_steps:
-                _add_instance(acc, t, chain, family, "macro")
+                _add_instance(acc, t, chain, family, "macro", vocabulary)
     out: list[Skill] = []
     for a in acc.values():
         support = len(set(a.provenance))
@@ -415,7 +419,12 @@ def distill_skills(
 
 
 def _add_instance(
-    acc: dict[tuple[Any, ...], _SkillAcc], t: Trajectory, chain: list[int], family: str, kind: str
+    acc: dict[tuple[Any, ...], _SkillAcc],
+    t: Trajectory,
+    chain: list[int],
+    family: str,
+    kind: str,
+    vocabulary: dict[str, str] | None = None,
 ) -> None:
     steps = [t.steps[i] for i in chain]
     if any(not s.action.text.strip() or "{" in s.action.text or "}" in s.action.text for s in steps):
@@ -433,13 +442,17 @@ def _add_instance(
     # Preconditions: facts true at the start about the entities some step touches, which that
     # step still found true (facts a chain step produces itself are no precondition).
     start_ctx = context_predicates(first, all_ents, slots)
-    used_ctx: set[str] = set()
+    used_ctx: dict[str, None] = {}
     for s, es in zip(steps, ents_per_step):
-        used_ctx.update(context_predicates(s.pre_state.state, es, slots))
-    pre = [p for p in start_ctx if p in used_ctx]
+        used_ctx.update(dict.fromkeys(context_predicates(s.pre_state.state, es, slots)))
+    pre = [p for p in start_ctx if p in used_ctx and not is_kind_predicate(p)]
+    # Class facts come from the step that touched the entity (a demo's dove is not in view at the
+    # chain's start), narrowed to the class the goal asks for (see goal_kind_conditions).
+    pre += goal_kind_conditions([p for p in used_ctx if is_kind_predicate(p)], t.goal, vocabulary)
     ver = _verification(first, steps[-1].post_state.state, slots, all_ents)
-    if kind == "atomic":
-        # Whether this step happened to close the segment is incidental to what the step does.
+    if kind == "atomic" and any(v != "score increased" for v in ver):
+        # Whether this step happened to close the segment is incidental to what the step does;
+        # unless scoring is all it does (ScienceWorld's decisive "focus on X").
         ver = [v for v in ver if v != "score increased"]
     if not ver:
         return  # nothing observable marks success: not a skill we could verify
@@ -454,6 +467,111 @@ def _add_instance(
         for c in goal_cues(s.action.text, t.goal):
             a.cues[c.lower()] += 1
     a.provenance.append(t.id)
+
+
+def _by_slot(kind_preds: Iterable[str]) -> dict[str, list[tuple[str, str]]]:
+    """Positive one-slot class predicates grouped by their argument: ``{"{obj1}": [(pred, phrase)]}``."""
+    out: dict[str, list[tuple[str, str]]] = defaultdict(list)
+    for f in kind_preds:
+        p = parse_predicate(f)
+        if p is None or p[0] or len(p[2]) != 1:
+            continue
+        phrase = kind_phrase(p[1])
+        if phrase is not None:
+            out[p[2][0]].append((f, phrase))
+    return out
+
+
+def kind_vocabulary(trajs: Iterable[Trajectory]) -> dict[str, str]:
+    """Every class phrase the states of ``trajs`` use, with its predicate name (``"living thing":
+    "is_living_thing"``): the classes a goal can name, wanted or not."""
+    out: dict[str, str] = {}
+    for t in trajs:
+        for s in t.steps:
+            for f in s.pre_state.state.facts:
+                name = f.split("(", 1)[0].strip()
+                phrase = kind_phrase(name)
+                if phrase is not None:
+                    out.setdefault(phrase, name)
+    return out
+
+
+def goal_kind_conditions(
+    kind_preds: Sequence[str], goal: str, vocabulary: dict[str, str] | None = None
+) -> list[str]:
+    """The class conditions a skill keeps for its slots: what the goal asks for, not what the demo
+    happened to use.
+
+    Per slot: the classes of its entity that the goal names ("find a(n) living thing": the dove's
+    ``is_living_thing``, not ``type_dove``); when the goal names a class as unwanted ("non-living
+    thing", from the ``vocabulary`` of class phrases the experience knows), its negation; otherwise
+    the entity's categories without its own type (a type is the object's name in disguise:
+    ``type_dove`` would bind the skill to doves only).
+    """
+    out: list[str] = []
+    vocab = dict(vocabulary or {})
+    for arg, items in _by_slot(kind_preds).items():
+        phrases = {ph for _, ph in items}
+        wanted, _ = goal_kinds(goal, phrases)
+        _, unwanted = goal_kinds(goal, set(vocab) | phrases)
+        named = [f for f, ph in items if ph in wanted]
+        if named:
+            out += named
+        elif unwanted - phrases:
+            out += [f"not {vocab[u]}({arg})" for u in sorted(unwanted - phrases) if u in vocab]
+        else:
+            out += [f for f, _ in items if f.startswith("is_")]
+    return list(dict.fromkeys(out))
+
+
+def _instruction(goal: str) -> str:
+    """The goal's instruction sentence (the one that says "task" or "goal", else the first)."""
+    sents = split_sentences(goal)
+    return next((s for s in sents if re.search(r"\btask\b|\bgoal\b", s, re.I)), sents[0] if sents else "")
+
+
+def fatal_kind_trigger(
+    kinds: Sequence[str],
+    successes: Sequence[set[str]],
+    goal: str,
+    template: str,
+    vocabulary: dict[str, str],
+    arg: str = "{obj1}",
+) -> list[str]:
+    """The trigger of a guardrail against a fatal one-object action (a wrong ``focus on`` ends a
+    ScienceWorld episode), over what the object *is* rather than its name or where it was.
+
+    ``kinds``: the failed object's class facts, templated (``is_portal({obj1})``); ``arg``: its
+    slot; ``successes``: the class facts of the objects this action template worked on in the
+    same task type. First choice that says something:
+
+    1. the categories every success had and this object lacks, negated (``not is_living_thing``:
+       refuse anything that is not a living thing);
+    2. this object's classes no success had (``type_bee``: refuse bees);
+    3. without successes, the goal, when it asks for this action once: the class its instruction
+       names and the object lacks, negated, or the class it names as unwanted and the object has;
+    4. the object's classes (its type: refuse objects of the same type).
+
+    Empty when successes exist and nothing tells this object from them (no safe rule).
+    """
+    fail = set(kinds)
+    if successes:
+        common = set.intersection(*[set(x) for x in successes])
+        negated = [f"not {k}" for k in sorted(common) if k.startswith("is_") and k not in fail]
+        if negated:
+            return negated
+        seen = set().union(*successes)
+        return [k for k in kinds if k not in seen]
+    verb = SLOT.split(template)[0].strip()
+    asks = [x for x in split_sentences(goal) if verb and verb in norm(x)]
+    if len(asks) == 1:
+        wanted, unwanted = goal_kinds(_instruction(goal), set(vocabulary))
+        have = {ph for _, ph in _by_slot(kinds).get(arg, [])}
+        if wanted and not wanted & have:
+            return [f"not {vocabulary[w]}({arg})" for w in sorted(wanted)]
+        if unwanted & have:
+            return [f"{vocabulary[u]}({arg})" for u in sorted(unwanted & have)]
+    return list(kinds)
 
 
 def content_id(prefix: str, namespace: str, *parts: object) -> str:
@@ -535,17 +653,27 @@ def _location_trigger(state: EnvState) -> list[str]:
 
 def goal_pattern(goal: str, avoid: Iterable[str] = ()) -> str:
     """A regex over goals of the same type: lookaheads for up to 3 telling words of the goal's
-    first instruction sentence (entity names left out, since they vary between tasks)."""
+    first instruction sentence (entity names left out, since they vary between tasks).
+
+    Each telling word is anchored to the word before it: "find a(n) living thing" and "find a(n)
+    non-living thing" share every long word, and a fatal-action rule of one task type must not
+    be in scope for its opposite (``n living`` vs ``non living``).
+    """
     bad = {norm(a) for a in avoid}
-    sents = split_sentences(goal)
-    sent = next((s for s in sents if re.search(r"\btask\b|\bgoal\b", s, re.I)), sents[0] if sents else "")
-    ws = [
-        w
-        for w in words(sent)
-        if w not in STOP and len(w) > 3 and w not in bad and w not in {"task", "your", "goal"}
-    ]
-    ws = list(dict.fromkeys(ws))[:3]
-    return "".join(f"(?=.*\\b{re.escape(w)})" for w in ws)
+    bad_words = {w for a in bad for w in words(a)}
+    toks = words(_instruction(goal))
+    out: list[str] = []
+    seen: set[str] = set()
+    for i, w in enumerate(toks):
+        if w in STOP or len(w) <= 3 or w in bad or w in {"task", "your", "goal"} or w in seen:
+            continue
+        seen.add(w)
+        prev = toks[i - 1] if i > 0 else ""
+        head = f"\\b{re.escape(prev)}\\W+" if prev and prev not in bad_words else "\\b"
+        out.append(f"(?=.*{head}{re.escape(w)})")
+        if len(out) == 3:
+            break
+    return "".join(out)
 
 
 @dataclass
@@ -575,6 +703,26 @@ def _executions(trajs: Sequence[Trajectory]) -> dict[str, list[set[str]]]:
     return out
 
 
+def _kind_executions(trajs: Sequence[Trajectory]) -> dict[tuple[str, str], list[set[str]]]:
+    """Per (task type, action template): the class facts of the objects it *worked* on (changed
+    the state with no failure cause), for contrasting a fatal choice with the right ones."""
+    out: dict[tuple[str, str], list[set[str]]] = defaultdict(list)
+    for t in trajs:
+        family = task_family(t.task_id)
+        for s in t.steps:
+            if not _changed(s) or s.post_state.state.lost:
+                continue
+            if s.diagnosis and any(c.cause in (*GUARD_CAUSES, *_NOISE_CAUSES) for c in s.diagnosis.causes):
+                continue
+            tmpl, slots, used = _template_step(s)
+            if len(set(used)) != 1:
+                continue
+            kinds = {f for f in context_predicates(s.pre_state.state, used, slots) if is_kind_predicate(f)}
+            if kinds:
+                out[(family, tmpl)].append(kinds)
+    return out
+
+
 def distill_guardrails(
     trajectories: Iterable[Trajectory | dict[str, Any] | str],
     *,
@@ -592,6 +740,8 @@ def distill_guardrails(
     trajs, _ = coerce_trajectories(trajectories)
     trajs = [_diagnosed(t) for t in trajs if (not env or t.env == env) and t.steps]
     worked = _executions(trajs)
+    worked_kinds = _kind_executions(trajs)
+    vocabulary = kind_vocabulary(trajs)
     acc: dict[tuple[Any, ...], _GuardAcc] = {}
     info_fail: dict[str, list[str]] = defaultdict(list)
     for t in trajs:
@@ -614,7 +764,19 @@ def distill_guardrails(
             st = s.pre_state.state
             ctx = context_predicates(st, used, slots)
             succ = worked.get(tmpl, [])
-            if succ:
+            kinds = [f for f in ctx if is_kind_predicate(f)]
+            fatal = cause in (FailureCause.lost, FailureCause.regression)
+            right = worked_kinds.get((task_family(t.task_id), tmpl), [])
+            trigger: list[str] = []
+            if fatal and kinds and len(set(used)) == 1:
+                # What the object is decides a fatal choice, not where it was or its name.
+                slot = slots.slot_of.get(used[0]) or slots.slot(norm(used[0]))
+                trigger = fatal_kind_trigger(kinds, right, t.goal, tmpl, vocabulary, "{" + slot + "}")
+                if not trigger:
+                    continue  # it is of the same classes as objects this action worked on
+            if trigger:
+                pass  # a class rule
+            elif succ:
                 # Contrast: facts here that no successful execution had, else facts every success had
                 # that are missing here (as negations).
                 seen = set().union(*succ)

@@ -289,6 +289,7 @@ class EvolveMemory:
                     changed and not failed,
                     self.index.cues_for(action),
                     self.index.effects_for(action),
+                    facts=FactBase.from_state(step.pre_state.state),
                 )
             if step.action.skill_id:
                 ep.used.setdefault(step.action.skill_id, "skill")
@@ -397,7 +398,23 @@ class EvolveMemory:
             notes.append(f"Next sub-goal: {ep.tracker.next_text()}")
         if injected and injected[0].action:
             notes.append(f"Skill '{injected[0].skill.name}' applies now: do '{injected[0].action}'.")
-        return MemoryContext(skills=skills, guardrails=guards, notes=notes)
+        return MemoryContext(skills=skills, guardrails=guards, notes=notes, blocked=self._refused_here(obs))
+
+    def _refused_here(self, obs: Observation) -> list[str]:
+        """The admissible actions the episodic guard would refuse in this state, listed up front so
+        that the planner is not asked (and re-asked) about them: the 1.5B model spent whole steps
+        proposing an action the loop guard had already refused in the same state (BENCHMARKS.md)."""
+        if not self.config.episodic_guard:
+            return []
+        ep = self._ep
+        key = state_key(obs)
+        refused = set(ep.banned.get(key, set()))
+        refused |= {a for (k, a), n in ep.taken.items() if k == key and n >= 2}
+        if not refused:
+            return []
+        if obs.admissible_actions is None:
+            return sorted(refused)
+        return [a for a in dict.fromkeys(obs.admissible_actions) if norm(a) in refused]
 
     @staticmethod
     def _bound_copy(m: SkillMatch) -> Skill:

@@ -27,6 +27,63 @@ LEXICAL_PREFIX = "w"
 
 Pred = tuple[bool, str, tuple[str, ...]]
 
+KIND_PREFIXES = ("is_", "type_")
+"""Class predicates: ``is_<category>(x)`` (``is_living_thing(dove)``) and ``type_<class>(x)``
+(``type_dove(dove)``), from envs that know what their objects are (ScienceWorld's object classes).
+What an object *is* never changes, so memory treats them differently from other facts: they are
+hard constraints on a skill's slot wherever in a chain it gets bound, and a fatal action's
+guardrail generalises over them rather than over the object's name."""
+
+
+def kind_phrase(name: str) -> str | None:
+    """``is_living_thing`` -> ``living thing``; None for a predicate name that is no class predicate."""
+    for prefix in KIND_PREFIXES:
+        if name.startswith(prefix) and len(name) > len(prefix):
+            return name[len(prefix) :].replace("_", " ")
+    return None
+
+
+def is_kind_predicate(text: str) -> bool:
+    """Is ``text`` a one-argument class predicate, or its negation (``is_animal({obj1})``,
+    ``not is_living_thing({obj1})``)?"""
+    p = parse_predicate(text)
+    return p is not None and len(p[2]) == 1 and kind_phrase(p[1]) is not None
+
+
+def kinds_hold(conditions: Sequence[str], facts: FactBase, binding: dict[str, str]) -> bool:
+    """Do the class conditions among ``conditions`` whose slot ``binding`` binds all hold?
+
+    Class conditions on slots not bound yet are left for the step that binds them."""
+    for c in conditions:
+        p = parse_predicate(c)
+        if p is None or len(p[2]) != 1 or kind_phrase(p[1]) is None:
+            continue
+        m = SLOT.fullmatch(p[2][0])
+        value = binding.get(m.group(1)) if m else p[2][0]
+        if value is None:
+            continue
+        hit = (norm(value),) in facts.by_name.get(p[1], ())
+        if hit == p[0]:  # a positive condition without the fact, or a negated one with it
+            return False
+    return True
+
+
+def goal_kinds(goal: str, phrases: Iterable[str]) -> tuple[set[str], set[str]]:
+    """The class phrases a goal names: ``(wanted, unwanted)``. ``"find a(n) non-living thing"``
+    names ``living thing`` as unwanted; ``"the animal with the longest life span"`` names
+    ``animal`` as wanted (plurals count)."""
+    wanted: set[str] = set()
+    unwanted: set[str] = set()
+    text = goal.lower()
+    for phrase in set(phrases):
+        words_ = phrase.split()
+        if not words_:
+            continue
+        body = r"\s+".join(re.escape(w) for w in words_)
+        for m in re.finditer(rf"(?<![\w-])(non-|not\s+|no\s+)?{body}(?:s|es)?(?![\w-])", text):
+            (unwanted if m.group(1) else wanted).add(phrase)
+    return wanted, unwanted
+
 
 def parse_predicate(text: str) -> Pred | None:
     """``"not at(P, {room})"`` -> ``(True, "at", ("p", "{room}"))``; None when it is no predicate."""

@@ -41,6 +41,10 @@ from evolve.skills.predicates import (
     FactBase,
     bind_predicates,
     fill_template,
+    goal_kinds,
+    is_kind_predicate,
+    kind_phrase,
+    kinds_hold,
     match_conditions,
     template_regex,
 )
@@ -122,6 +126,7 @@ def grounding(
     sentence_text: str = "",
     entities: Sequence[str] = (),
     known_verbs: set[str] | None = None,
+    require_verb: bool = False,
 ) -> float:
     """How well one goal sentence asks for ``action``: noun-phrase coverage x verb match.
 
@@ -139,6 +144,8 @@ def grounding(
         return 0.0
     cov = (2 * covers[0] + sum(covers[1:])) / (len(covers) + 1)
     verb_hit = 1.0 if verb in sentence_stems else max((cues.get(w, 0.0) for w in sentence_stems), default=0.0)
+    if verb_hit == 0 and require_verb:
+        return 0.0
     if verb_hit == 0 and known_verbs is not None and not (sentence_stems & known_verbs):
         return cov * 0.7
     return cov * (0.4 + 0.6 * verb_hit)
@@ -173,7 +180,7 @@ class GoalTracker:
         self.entities: list[str] = []
         """Entity names of the current state (set by the caller each step), for disambiguation."""
 
-    def _g(self, action: str, i: int, cues: dict[str, float]) -> float:
+    def _g(self, action: str, i: int, cues: dict[str, float], require_verb: bool = False) -> float:
         return grounding(
             action,
             self.stems[i],
@@ -181,16 +188,53 @@ class GoalTracker:
             sentence_text=self.sentences[i],
             entities=self.entities,
             known_verbs=self.known_verbs,
+            require_verb=require_verb,
         )
+
+    def _g_any(self, readings: list[str], i: int, cues: dict[str, float]) -> float:
+        """The best grounding of an action's readings; a class reading ("pick up animal") counts
+        only where the sentence asks for its verb: "focus on the animal" must not make every
+        "pick up <animal>" relevant."""
+        return max(self._g(r, i, cues, require_verb=k > 0) for k, r in enumerate(readings))
 
     @property
     def pending(self) -> list[int]:
         return [i for i, d in enumerate(self.done) if not d and self.actionable[i]]
 
-    def relevance(self, action: str, cues: dict[str, float]) -> tuple[float, int | None]:
+    def readings(self, action: str, facts: FactBase | None = None) -> list[str]:
+        """``action`` and, when it acts on an object of a class the goal names, the same action
+        with the object named by its class: "focus on baby wolf" also reads "focus on living
+        thing", which is how "find a(n) living thing. First, focus on the thing." asks for it."""
+        if facts is None:
+            return [action]
+        by_phrase: dict[str, list[str]] = {}
+        for name, rows in facts.by_name.items():
+            phrase = kind_phrase(name)
+            if phrase is not None:
+                by_phrase.setdefault(phrase, []).extend(r[0] for r in rows if len(r) == 1)
+        if not by_phrase:
+            return [action]
+        wanted, _ = goal_kinds(" ".join(self.sentences), by_phrase)
+        a = norm(action)
+        alias, head = a, a
+        objects = sorted({o for ph in wanted for o in by_phrase[ph]}, key=len, reverse=True)
+        for o in objects:
+            rx = rf"(?<![\w-]){re.escape(o)}(?![\w-])"
+            if re.search(rx, alias):
+                phrase = next(ph for ph in sorted(wanted, key=len, reverse=True) if o in by_phrase[ph])
+                alias = re.sub(rx, phrase, alias)
+                # A goal names the class once and then refers back to it by its head noun
+                # ("find a(n) living thing. First, focus on the thing.").
+                head = re.sub(rx, phrase.split()[-1], head)
+        return [action] if alias == a else list(dict.fromkeys([action, alias, head]))
+
+    def relevance(
+        self, action: str, cues: dict[str, float], facts: FactBase | None = None
+    ) -> tuple[float, int | None]:
         best, where = 0.0, None
+        readings = self.readings(action, facts)
         for rank, i in enumerate(self.pending):
-            g = self._g(action, i, cues) * self.decay**rank
+            g = self._g_any(readings, i, cues) * self.decay**rank
             if g > best:
                 best, where = g, i
         return best, where
@@ -202,17 +246,21 @@ class GoalTracker:
         cues: dict[str, float],
         effects: Sequence[str] = (),
         threshold: float = 0.6,
+        facts: FactBase | None = None,
     ) -> int | None:
         """Mark the first pending sentence that ``action`` accomplished (when it changed the state).
 
         ``effects`` (bound predicates) are remembered: if they stop holding, the sentence is
-        pending again (:meth:`revalidate`), e.g. a door re-locked or an item dropped.
+        pending again (:meth:`revalidate`), e.g. a door re-locked or an item dropped. ``facts``
+        (the state the action was taken in) lets an object count as the class the goal names
+        (:meth:`readings`).
         """
         self.steps_since_done += 1
         if not changed:
             return None
+        readings = self.readings(action, facts)
         for i in self.pending:
-            if self._g(action, i, cues) >= threshold:
+            if self._g_any(readings, i, cues) >= threshold:
                 self.done[i] = True
                 if effects:
                     self.checks[i] = list(effects)
@@ -448,6 +496,10 @@ class KnowledgeIndex:
         if step == 0 and obs.state.location:
             base.setdefault("room", norm(obs.state.location))  # {room} is where the skill starts
         cues = self._verb_cues.get(self._step_verb[i][step], {})
+        # Class conditions (what an object is) bind hard, at whichever step binds their slot: a
+        # macro's "focus on {obj1}" must take a living thing when the demo's object was one, not
+        # whatever "focus on ..." ranks first (in ScienceWorld a wrong focus ends the episode).
+        kinds = [p for p in s.preconditions if is_kind_predicate(p)]
         options: list[tuple[str, dict[str, str]]] = []
         admissible = obs.admissible_actions
         if admissible is not None:
@@ -464,27 +516,37 @@ class KnowledgeIndex:
                         ok = False
                         break
                     b[k] = norm(v)
-                if ok and (banned is None or norm(a) not in banned):
+                if ok and (banned is None or norm(a) not in banned) and kinds_hold(kinds, facts, b):
                     options.append((a, b))
         else:
             # No admissible list: bind through the preconditions, then fill the template.
             _, _, b = match_conditions(s.preconditions if step == 0 else [], facts, base)
             text = fill_template(template, b)
-            if text is not None and (banned is None or norm(text) not in banned):
+            if (
+                text is not None
+                and (banned is None or norm(text) not in banned)
+                and kinds_hold(kinds, facts, b)
+            ):
                 options.append((text, b))
         if not options:
-            m.reason = f"step {step + 1} '{template}' not admissible here"
+            m.reason = f"step {step + 1} '{template}' not admissible here" + (
+                " (with its class conditions)" if kinds else ""
+            )
             return m
         best: tuple[float, float, int | None, str, dict[str, str]] | None = None
-        pre = s.preconditions if step == 0 else []
+        pre = [p for p in s.preconditions if not is_kind_predicate(p)] if step == 0 else []
         for a, b in options[:50]:
             sat, tot, full = match_conditions(pre, facts, b)
+            if kinds and not kinds_hold(kinds, facts, full):
+                continue
             appl = sat / tot if tot else 1.0
-            rel, where = tracker.relevance(a, cues) if tracker is not None else (0.0, None)
+            rel, where = tracker.relevance(a, cues, facts) if tracker is not None else (0.0, None)
             key = (appl, rel, where, a, full)
             if best is None or (appl, rel) > (best[0], best[1]):
                 best = key
-        assert best is not None
+        if best is None:
+            m.reason = f"step {step + 1} '{template}': no binding meets its class conditions"
+            return m
         appl, rel, where, a, full = best
         m.applicability, m.relevance, m.sentence, m.binding = appl, rel, where, full
         m.action = a

@@ -14,6 +14,7 @@ from evolve.errors import LLMError, PolicyError
 from evolve.llm import hf
 from evolve.llm.prompts import (
     PromptOptions,
+    allowed_actions,
     build_messages,
     fallback_command,
     parse_answer,
@@ -103,10 +104,12 @@ class HFPolicy:
         self._steps += 1
         messages = self.messages(obs, history, memory)
         gen: hf.Generation | None = None
-        if self.mode == "rank" and obs.admissible_actions:
-            action, usage, error = self._rank(messages, obs, history, memory)
+        # Actions refused in this state (MemoryContext.blocked) are neither ranked nor accepted.
+        admissible = allowed_actions(obs.admissible_actions, memory)
+        if self.mode == "rank" and admissible:
+            action, usage, error = self._rank(messages, obs, history, memory, admissible)
         else:
-            action, usage, error, gen = self._generate_action(messages, obs.admissible_actions)
+            action, usage, error, gen = self._generate_action(messages, admissible)
         self.total_usage = self.total_usage + usage
         return Decision(
             action=action,
@@ -167,9 +170,13 @@ class HFPolicy:
     # ------------------------------------------------------------------ rank
 
     def _rank(
-        self, messages: list[dict[str, str]], obs: Observation, history: list[Step], memory: MemoryContext
+        self,
+        messages: list[dict[str, str]],
+        obs: Observation,
+        history: list[Step],
+        memory: MemoryContext,
+        admissible: list[str],
     ) -> tuple[Action, TokenUsage, str | None]:
-        admissible = obs.admissible_actions or []
         skill_text = " ".join(s.text() for s in memory.skills)
         candidates = select_actions(
             admissible,

@@ -13,6 +13,7 @@ from evolve.llm.client import ChatClient, ChatResult, ResponseFormat
 from evolve.llm.prompts import (
     PromptOptions,
     action_schema,
+    allowed_actions,
     build_messages,
     fallback_command,
     parse_answer,
@@ -118,7 +119,9 @@ class OpenAIPolicy:
 
     def act(self, obs: Observation, history: list[Step], memory: MemoryContext) -> Decision:
         t0 = time.perf_counter()
-        admissible = obs.admissible_actions
+        # Actions refused in this state (a guardrail or loop guard, on a re-ask) are neither listed
+        # nor in the enum, so a constrained decoder cannot produce them again.
+        admissible = allowed_actions(obs.admissible_actions, memory)
         messages = self.messages(obs, history, memory)
         schema = action_schema(admissible, self.enum_limit)
         usage = TokenUsage()

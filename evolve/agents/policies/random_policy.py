@@ -6,7 +6,7 @@ import random
 import re
 
 from evolve.agents.base import Decision
-from evolve.llm.prompts import fallback_command
+from evolve.llm.prompts import allowed_actions, fallback_command
 from evolve.schema import Action, ActionSource, MemoryContext, Observation, Privileged, Step, Task
 
 # Actions that only re-describe the world; skipped when ``avoid_noops`` is set.
@@ -32,7 +32,8 @@ class RandomPolicy:
         self._rng = random.Random(f"{self.seed}:{task.id}")
 
     def act(self, obs: Observation, history: list[Step], memory: MemoryContext) -> Decision:
-        options = list(dict.fromkeys(obs.admissible_actions or []))
+        # Refused actions (MemoryContext.blocked) are not drawn again on a re-ask.
+        options = list(dict.fromkeys(allowed_actions(obs.admissible_actions, memory) or []))
         if not options:
             action = Action(text=fallback_command(None), source=ActionSource.fallback)
             return Decision(action=action, error="no admissible actions to choose from")
