@@ -194,7 +194,8 @@ def train_row(b: Bench, row: str, train: list[Any], know: list[Any]) -> Any:
     from evolve.llm.prompts import PromptOptions
     from evolve.synth import sft_examples
     from evolve.train.onpolicy import train_on_policy
-    from evolve.train.trainer import LoraSettings, OnPolicySettings, TrainConfig, train
+    from evolve.train.trainer import LoraSettings, OnPolicySettings, TrainConfig
+    from evolve.train.trainer import train as train_sft
 
     a = b.args
     student = b.model_hf(a.student)
@@ -215,7 +216,7 @@ def train_row(b: Bench, row: str, train: list[Any], know: list[Any]) -> Any:
         examples = sft_examples(train, namespace=NS, options=PromptOptions())
         b.log(f"  sft: {len(examples)} examples from {sum(t.success for t in train)} won train episodes")
         cfg = TrainConfig(student=str(student), method="sft", lr=a.sft_lr, max_steps=a.sft_steps, **common)
-        r = train(cfg, examples)
+        r = train_sft(cfg, examples)
     else:
         op = {"envs": 2, "max_turns": 3, "max_new_tokens": 48, "temperature": 1.0}
         if row == "sft+opd":
