@@ -1,45 +1,50 @@
-"""ExperienceStore benchmark: ingest throughput, dense search latency/recall, filtered search, vs LangGraph.
+"""ExperienceStore benchmark: ingest, LangGraph small operations, dense and namespace-filtered search.
 
-    python bench/store.py                      # 10k / 100k / 1M vectors (1M needs ~10 GB RAM, ~10 min)
+    python bench/store.py                      # every section (1M vectors: ~10 GB RAM, tens of minutes)
     python bench/store.py --quick              # 10k vectors, small ingest: a smoke run (~1 min)
-    python bench/store.py --sizes 10000,100000 --md store.md
+    python bench/store.py --only ingest,small --baseline /tmp/evolve-before   # issue 17's rows
+    python bench/store.py --only filtered --filtered-sizes 100000:2+10,1000000:10   # target 3
 
-Sections
+Sections (``--only``, comma-separated; default all)
 --------
 ingest     TextWorld-like trajectories (10-40 steps, ~300-char observations, 10-30 admissible
            actions, a diagnosis on some steps) written with ``add_trajectories`` in batches, vs
            naive writers of the same trajectories: one ``add_trajectories`` call (transaction) per
            trajectory, and row-by-row ``executemany`` INSERTs of the same rows (same serialisation).
-dense      384-d embedding-like vectors (a two-level mixture of Gaussians, see ``Mixture``; ``--hard``
-           for isotropic clusters), L2-normalised, stored with
-           ``store.add_vectors``; index build time (FAISS only, and end to end: read from DuckDB,
-           build, save); top-10 latency p50/p99 through ``store.search_vector`` (the store's public
-           path: freshness check, namespace filter, hit metadata) and recall@10 against exact
-           brute force on the same vectors.
-filtered   The 100k vectors spread over 2 and over 10 namespaces; searched within one namespace
-           (exactness of isolation is tested in tests/test_store.py; here: latency and recall
-           against brute force restricted to that namespace).
-langgraph  LangGraph ``InMemoryStore`` holding the same 100k vectors (its embed function is a dict
-           lookup of the precomputed vectors, so only search is timed) vs ``search_vector`` with the
-           same query vectors.
+           With ``--baseline DIR`` (a directory holding an older ``evolve`` package, e.g.
+           ``git archive <commit> evolve | tar -x -C DIR``) the batched row is measured for both
+           codes, alternated ``--ingest-rounds`` times, each run in a fresh process: on a shared
+           machine only side-by-side figures compare. The final CHECKPOINT is part of the cost.
 small      LangGraph ``BaseStore`` small operations, ``EvolveStore`` beside LangGraph's ``SqliteStore``
            (with sqlite-vec), interleaved round by round, the same embed function for both (384-d
            feature hashing): open a store on a new file, put one item, get it, search for it, close;
            the same on reopening a file that holds it; and single ops on an open store of 1,000
-           items. ``duckdb.connect`` / ``sqlite3.connect`` alone are timed too (the floor of "open").
-           Needs ``pip install langgraph-checkpoint-sqlite sqlite-vec pysqlite3-binary`` (the
-           stdlib sqlite3 of some Python builds cannot load extensions).
-
-    python bench/store.py --only small,ingest  # the sections of issue 17
+           items. ``duckdb.connect`` / ``sqlite3.connect`` alone are timed too. With ``--baseline``
+           the older EvolveStore runs in the same rounds (in a subprocess per round).
+           Needs ``pip install -e .[bench]`` (langgraph-checkpoint-sqlite, sqlite-vec, pysqlite3).
+dense      384-d embedding-like vectors (a two-level mixture of Gaussians, see ``Mixture``; ``--hard``
+           for isotropic clusters), L2-normalised, stored with ``store.add_vectors``; index build
+           time; top-10 latency p50/p99 through ``store.search_vector`` (the store's public path:
+           freshness check, namespace filter, hit metadata) and recall@10 against brute force.
+filtered   The same kind of vectors (random, not embedded text) spread evenly over 2 / 10 / 100
+           namespaces (``--namespaces``); top-10 within one namespace through ``search_vector``:
+           p50, p95, recall@10 against brute force restricted to that namespace. Each size runs
+           with evolve's index (an own FAISS index per namespace of >= ``PARTITION_MIN`` vectors)
+           and, at sizes up to ``--shared-max``, with one shared index searched through a FAISS
+           ``IDSelector`` (the layout before, ``partition_min`` set past the size).
+langgraph  LangGraph ``InMemoryStore`` holding the same 100k vectors (its embed function is a dict
+           lookup of the precomputed vectors, so only search is timed) vs ``search_vector``.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import json
 import os
 import platform
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -188,43 +193,91 @@ def textworld_trajectories(n: int, seed: int = 0, namespace: str = "default") ->
     return out
 
 
-def bench_ingest(workdir: Path, n_traj: int, batch: int, n_naive: int, n_rows: int) -> list[list[object]]:
+def _fresh(workdir: Path, name: str) -> ExperienceStore:
+    p = workdir / f"{name}.duckdb"
+    for f in (p, Path(str(p) + ".wal")):
+        f.unlink(missing_ok=True)
+    return ExperienceStore(p, embedder=HashingEmbedder(64))
+
+
+def ingest_batched_once(workdir: Path, n_traj: int, batch: int) -> dict[str, float]:
+    """One batched ingest in this process: steps, wall and CPU seconds (all threads), file MiB."""
     trajs = textworld_trajectories(n_traj)
     n_steps = sum(len(t.steps) for t in trajs)
-    rows: list[list[object]] = []
-
-    def fresh(name: str) -> ExperienceStore:
-        p = workdir / f"{name}.duckdb"
-        for f in (p, Path(str(p) + ".wal")):
-            f.unlink(missing_ok=True)
-        return ExperienceStore(p, embedder=HashingEmbedder(64))
-
-    w = fresh("warm-up")  # first calls import lazily loaded modules: not part of the rate
+    w = _fresh(workdir, "warm-up")  # first calls import lazily loaded modules: not part of the rate
     w.add_trajectories(textworld_trajectories(5, seed=1))
     w.close()
-    s = fresh("ingest-batched")
-    t0 = time.perf_counter()
+    s = _fresh(workdir, "ingest-batched")
+    gc.collect()
+    t0, c0 = time.perf_counter(), time.process_time()
     for i in range(0, len(trajs), batch):
         s.add_trajectories(trajs[i : i + batch])
     s.conn.execute("CHECKPOINT")  # what is left in the WAL is part of the cost
-    dt = time.perf_counter() - t0
+    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
     assert s.count_trajectories() == n_traj
     s.close()
-    rows.append([f"add_trajectories, {batch} episodes per call", n_steps, dt, n_steps / dt])
+    size = (workdir / "ingest-batched.duckdb").stat().st_size / 2**20
+    return {"steps": n_steps, "wall": dt, "cpu": cpu, "mib": size}
 
+
+def _in_subprocess(code_dir: Path, args: list[str], workdir: Path) -> dict[str, Any]:
+    """This script in a fresh process with the ``evolve`` package found in ``code_dir`` first."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(code_dir), os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), *args, "--workdir", str(workdir)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def bench_ingest(
+    workdir: Path,
+    n_traj: int,
+    batch: int,
+    n_naive: int,
+    n_rows: int,
+    rounds: int = 3,
+    baseline: Path | None = None,
+) -> list[list[object]]:
+    rows: list[list[object]] = []
+    label = f"add_trajectories, {batch} episodes per call"
+    # Both codes in fresh processes, alternated: a shared machine's load moves between runs.
+    sides = {"now": Path(__file__).resolve().parents[1]}
+    if baseline is not None:
+        sides = {"before (--baseline)": baseline, **sides}
+    runs: dict[str, list[dict[str, Any]]] = {k: [] for k in sides}
+    args = ["--ingest-json", "--episodes", str(n_traj), "--batch", str(batch)]
+    for _ in range(rounds):
+        for name, code in sides.items():
+            runs[name].append(_in_subprocess(code, args, workdir / "sub"))
+            print(f"  ingest {name}: {runs[name][-1]}", flush=True)
+    ref = None
+    for name, rs in runs.items():
+        wall = float(np.median([r["wall"] for r in rs]))
+        n_steps = rs[0]["steps"]
+        rate = n_steps / wall
+        ref = rate if ref is None else ref
+        cpu_us = float(np.median([r["cpu"] for r in rs])) / n_steps * 1e6
+        each = " / ".join(f"{r['steps'] / r['wall']:,.0f}" for r in rs)
+        rows.append([f"{label}, {name}", n_steps, wall, rate, each, cpu_us, rate / ref, rs[-1]["mib"]])
+
+    trajs = textworld_trajectories(n_traj)
     sub = trajs[:n_naive]
     n_sub = sum(len(t.steps) for t in sub)
-    s = fresh("ingest-per-call")
+    s = _fresh(workdir, "ingest-per-call")
     t0 = time.perf_counter()
     for t in sub:
         s.add_trajectories([t])
     s.conn.execute("CHECKPOINT")
     dt = time.perf_counter() - t0
     s.close()
-    rows.append(["add_trajectories, 1 episode per call", n_sub, dt, n_sub / dt])
+    rows.append(["add_trajectories, 1 episode per call", n_sub, dt, n_sub / dt, None, None, None, None])
 
     # Row by row: the same serialisation, then one parameterised INSERT per row (executemany).
-    s = fresh("ingest-executemany")
+    s = _fresh(workdir, "ingest-executemany")
     sub, have = [], 0
     for t in trajs:
         if have >= n_rows:
@@ -252,7 +305,7 @@ def bench_ingest(workdir: Path, n_traj: int, batch: int, n_naive: int, n_rows: i
     s.conn.execute("CHECKPOINT")
     dt = time.perf_counter() - t0
     s.close()
-    rows.append(["row-by-row INSERT (duckdb executemany)", have, dt, have / dt])
+    rows.append(["row-by-row INSERT (duckdb executemany)", have, dt, have / dt, None, None, None, None])
     return rows
 
 
@@ -336,20 +389,20 @@ def load_store(
     return s, time.perf_counter() - t0
 
 
-def build_index(s: ExperienceStore) -> tuple[float, float, str]:
+def build_index(s: ExperienceStore, rebuild: bool = False) -> tuple[float, float, str]:
     """(seconds end to end, seconds inside FAISS, index kind) for the first search-ready index."""
     faiss_s = []
     real = vi.VectorIndex.build
 
-    def spy(self: vi.VectorIndex, vids: np.ndarray, vecs: np.ndarray) -> None:
+    def spy(self: vi.VectorIndex, vids: np.ndarray, vecs: np.ndarray, namespaces: Any) -> None:
         t0 = time.perf_counter()
-        real(self, vids, vecs)
+        real(self, vids, vecs, namespaces)
         faiss_s.append(time.perf_counter() - t0)
 
     vi.VectorIndex.build = spy  # type: ignore[method-assign]
     try:
         t0 = time.perf_counter()
-        idx = s.vector_index("bench")
+        idx = s.vector_index("bench", rebuild=rebuild)
         total = time.perf_counter() - t0
     finally:
         vi.VectorIndex.build = real  # type: ignore[method-assign]
@@ -379,31 +432,60 @@ def bench_dense(workdir: Path, sizes: list[int], n_queries: int, hard: bool) -> 
     return rows
 
 
-def bench_filtered_and_langgraph(
-    workdir: Path, n: int, n_queries: int, n_lg_queries: int, hard: bool, langgraph: bool
-) -> tuple[list[list[object]], list[list[object]]]:
+def bench_filtered(
+    workdir: Path,
+    sizes: list[tuple[int, list[int]]],
+    n_queries: int,
+    hard: bool,
+    shared_max: int,
+) -> list[list[object]]:
+    """Top-10 within one namespace: evolve's per-namespace indexes, and one shared index + IDSelector.
+
+    ``sizes``: ``(vectors, namespace counts)`` pairs; the vectors are split evenly over each count."""
+    rows: list[list[object]] = []
+    for n, ns_counts in sizes:
+        mix = Mixture(n, seed=7, hard=hard)
+        x, queries = mix.sample(n, 1), mix.sample(n_queries, 2)
+        ids = [f"v{i}" for i in range(n)]
+        for n_ns in ns_counts:
+            namespaces = [f"tenant-{i % n_ns}" for i in range(n)]
+            mine = np.arange(0, n, n_ns)  # tenant-0's rows
+            truth = [{ids[mine[j]] for j in row} for row in exact_topk(x[mine], queries, 10)]
+            s, _ = load_store(workdir / f"filtered-{n}-{n_ns}.duckdb", ids, namespaces, x)
+            layouts = [("per-namespace (evolve)", vi.PARTITION_MIN)]
+            if n <= shared_max:
+                layouts.append(("one shared index, id filter", n + 1))
+            for layout, partition_min in layouts:
+                s.partition_min = partition_min
+                t_build, _, _ = build_index(s, rebuild=True)
+                idx = s.vector_index("bench")
+                lat, got = timed(
+                    lambda i, s=s, q=queries: [
+                        h.id for h in s.search_vector(q[i], "bench", k=10, namespace="tenant-0")
+                    ],
+                    n_queries,
+                )
+                rows.append(
+                    [f"{n:,}", f"1 of {n_ns} ({len(mine):,})", layout, idx.describe(), t_build,
+                     np.percentile(lat, 50), np.percentile(lat, 95), recall(got, truth)]
+                )  # fmt: skip
+                print(f"  filtered: {rows[-1]}", flush=True)
+            s.close()
+            shutil.rmtree(str(workdir / f"filtered-{n}-{n_ns}.duckdb") + ".index", ignore_errors=True)
+            (workdir / f"filtered-{n}-{n_ns}.duckdb").unlink(missing_ok=True)
+            gc.collect()
+        del x, queries, ids, mix
+        gc.collect()
+    return rows
+
+
+def bench_langgraph(
+    workdir: Path, n: int, n_queries: int, n_lg_queries: int, hard: bool
+) -> list[list[object]]:
     mix = Mixture(n, seed=7, hard=hard)
     x, queries = mix.sample(n, 1), mix.sample(n_queries, 2)
     ids = [f"v{i}" for i in range(n)]
-    filt: list[list[object]] = []
-    for n_ns in (2, 10):
-        namespaces = [f"tenant-{i % n_ns}" for i in range(n)]
-        s, _ = load_store(workdir / f"filtered-{n_ns}.duckdb", ids, namespaces, x)
-        build_index(s)
-        mine = np.flatnonzero(np.array([ns == "tenant-0" for ns in namespaces]))
-        truth = [{ids[mine[j]] for j in row} for row in exact_topk(x[mine], queries, 10)]
-        lat, got = timed(
-            lambda i, s=s: [h.id for h in s.search_vector(queries[i], "bench", k=10, namespace="tenant-0")],
-            n_queries,
-        )
-        filt.append([f"{n:,}", f"1 of {n_ns} ({len(mine):,} vectors)", np.percentile(lat, 50),
-                     np.percentile(lat, 99), recall(got, truth)])  # fmt: skip
-        print(f"  filtered: {filt[-1]}", flush=True)
-        s.close()
-
     lg_rows: list[list[object]] = []
-    if not langgraph:
-        return filt, lg_rows
     from langgraph.store.memory import InMemoryStore
 
     s, _ = load_store(workdir / "langgraph-ours.duckdb", ids, ["default"] * n, x)
@@ -430,7 +512,7 @@ def bench_filtered_and_langgraph(
                     np.percentile(lat_us, 99), recall(got_us, truth),
                     float(np.percentile(lat_lg, 50) / np.percentile(lat_us, 50))])  # fmt: skip
     s.close()
-    return filt, lg_rows
+    return lg_rows
 
 
 def _puts(keys: list[str]) -> list[object]:
@@ -476,17 +558,51 @@ def _small_stores(
     return {"SqliteStore": open_sqlite, "EvolveStore": open_evolve}
 
 
-def bench_small_ops(workdir: Path, rounds: int, n_items: int = 1000, n_ops: int = 100) -> list[list[object]]:
-    """Medians in ms of open / put / get / search / close, the two stores interleaved round by round."""
-    import duckdb
+_OPS = ("open", "put", "get", "search", "close")
 
+
+def _embed_fn() -> Callable[[list[str]], list[list[float]]]:
     emb = HashingEmbedder(DIM)
 
     def embed(texts: list[str]) -> list[list[float]]:
         return emb.embed(list(texts)).tolist()
 
+    return embed
+
+
+def small_round_json(workdir: Path) -> dict[str, dict[str, float]]:
+    """One warm-up, one new-file and one reopen round of EvolveStore alone (``--small-json``)."""
+    from evolve.stores.langgraph_store import EvolveStore
+
+    index = {"dims": DIM, "embed": _embed_fn(), "fields": ["text"]}
+    out: dict[str, dict[str, float]] = {}
+    for mode in ("warm-up", "new file", "reopen"):
+        path = workdir / ("small-warm.db" if mode == "warm-up" else "small.db")
+        t0 = time.perf_counter()
+        st = EvolveStore(path=path, index=index)  # type: ignore[arg-type]
+        t1 = time.perf_counter()
+        st.put(("users", "u1"), "pref", {"text": "likes green tea in the morning"})
+        t2 = time.perf_counter()
+        got = st.get(("users", "u1"), "pref")
+        t3 = time.perf_counter()
+        hits = st.search(("users",), query="green tea", limit=10)
+        t4 = time.perf_counter()
+        st.close()
+        t5 = time.perf_counter()
+        assert got is not None and hits and hits[0].key == "pref"
+        out[mode] = {op: dt * 1e3 for op, dt in zip(_OPS, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4))}
+    return out
+
+
+def bench_small_ops(
+    workdir: Path, rounds: int, n_items: int = 1000, n_ops: int = 100, baseline: Path | None = None
+) -> list[list[object]]:
+    """Medians in ms of open / put / get / search / close, the stores interleaved round by round."""
+    import duckdb
+
+    embed = _embed_fn()
     stores = _small_stores(embed, DIM)
-    ops = ("open", "put", "get", "search", "close")
+    ops = _OPS
     times: dict[tuple[str, str], dict[str, list[float]]] = {}
 
     def one_round(name: str, mode: str, path: Path) -> None:
@@ -515,6 +631,13 @@ def bench_small_ops(workdir: Path, rounds: int, n_items: int = 1000, n_ops: int 
             one_round(name, "new file", workdir / f"small-{r}-{name}.db")
         for name in stores:
             one_round(name, "reopen", workdir / f"small-{r}-{name}.db")
+        if baseline is not None:  # the older EvolveStore, in a process of its own, in the same round
+            sub = workdir / f"before-{r}"
+            for mode, got in _in_subprocess(baseline, ["--small-json"], sub).items():
+                if mode != "warm-up":
+                    t = times.setdefault(("EvolveStore before", mode), {op: [] for op in ops})
+                    for op, v in got.items():
+                        t[op].append(v)
         t0 = time.perf_counter()
         duckdb.connect(str(workdir / f"floor-{r}.duckdb")).close()
         floor["duckdb.connect + close"].append((time.perf_counter() - t0) * 1e3)
@@ -523,9 +646,10 @@ def bench_small_ops(workdir: Path, rounds: int, n_items: int = 1000, n_ops: int 
         floor["sqlite3.connect + close"].append((time.perf_counter() - t0) * 1e3)
 
     rows: list[list[object]] = []
+    names = [*stores, *(["EvolveStore before"] if baseline is not None else [])]
     for mode in ("new file", "reopen"):
         base = None
-        for name in stores:
+        for name in names:
             med = {op: float(np.median(v)) for op, v in times[(name, mode)].items()}
             four = med["open"] + med["put"] + med["get"] + med["search"]
             base = four if base is None else base
@@ -585,46 +709,71 @@ def machine() -> str:
     )
 
 
-class _Done(Exception):
-    """The sections asked for (``--only``) are done."""
+def _size_spec(spec: str, default: list[int]) -> tuple[int, list[int]]:
+    """``100000`` or ``100000:2+10`` -> ``(100000, [2, 10])``."""
+    size, _, counts = spec.partition(":")
+    return int(size), [int(c) for c in counts.split("+")] if counts else default
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", default="10000,100000,1000000", help="comma-separated vector counts")
-    ap.add_argument("--quick", action="store_true", help="10k vectors, small ingest, no 100k sections")
+    ap.add_argument(
+        "--only", default="", help="sections: ingest, small, dense, filtered, langgraph (default all)"
+    )
+    ap.add_argument("--quick", action="store_true", help="10k vectors, small ingest, few rounds")
+    ap.add_argument("--sizes", default="10000,100000,1000000", help="dense: comma-separated vector counts")
+    ap.add_argument(
+        "--filtered-sizes",
+        default="100000:2+10,1000000:10",
+        help="filtered: vector counts, each with its namespace counts after ':' (default --namespaces)",
+    )
+    ap.add_argument("--namespaces", default="2,10", help="filtered: namespace counts (vectors split evenly)")
+    ap.add_argument(
+        "--shared-max", type=int, default=100_000, help="filtered: sizes up to this also run one shared index"
+    )
     ap.add_argument("--queries", type=int, default=500)
-    ap.add_argument(
-        "--episodes", type=int, default=2400, help="episodes for the batched ingest (~25 steps each)"
-    )
+    ap.add_argument("--episodes", type=int, default=1000, help="episodes per batched ingest (~25 steps each)")
     ap.add_argument("--batch", type=int, default=500, help="episodes per add_trajectories call")
-    ap.add_argument("--no-langgraph", action="store_true")
+    ap.add_argument("--ingest-rounds", type=int, default=3, help="batched ingest runs per code (medians)")
+    ap.add_argument("--baseline", type=Path, help="a directory holding an older evolve package to compare")
     ap.add_argument("--hard", action="store_true", help="isotropic clusters, no sub-clusters (see Mixture)")
-    ap.add_argument("--no-ingest", action="store_true")
     ap.add_argument("--md", type=Path, help="also write the markdown tables to this file")
-    ap.add_argument(
-        "--only",
-        default="",
-        help="comma-separated sections to run: ingest, small, dense (dense = dense+filtered+langgraph)",
-    )
     ap.add_argument("--rounds", type=int, default=30, help="rounds of the small-operations section")
     ap.add_argument("--workdir", type=Path, help="where the stores go (default: a temporary directory)")
+    ap.add_argument("--ingest-json", action="store_true", help=argparse.SUPPRESS)  # one run, for --baseline
+    ap.add_argument("--small-json", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    sizes = [10_000] if args.quick else [int(x) for x in args.sizes.split(",") if x]
-    n_episodes = 300 if args.quick else args.episodes
-    n_queries = 100 if args.quick else args.queries
     work = args.workdir or Path(tempfile.mkdtemp(prefix="evolve-bench-store-"))
     work.mkdir(parents=True, exist_ok=True)
+    if args.ingest_json or args.small_json:  # a child of --baseline / the alternated ingest runs
+        out = (
+            ingest_batched_once(work, args.episodes, args.batch)
+            if args.ingest_json
+            else small_round_json(work)
+        )
+        print(json.dumps(out))
+        return
+    sizes = [10_000] if args.quick else [int(x) for x in args.sizes.split(",") if x]
+    ns_counts = [int(x) for x in args.namespaces.split(",") if x]
+    fsizes = (
+        [(10_000, ns_counts)]
+        if args.quick
+        else [_size_spec(x, ns_counts) for x in args.filtered_sizes.split(",") if x]
+    )
+    n_episodes = 200 if args.quick else args.episodes
+    n_queries = 100 if args.quick else args.queries
     header = f"Machine: {machine()}"
     print(header, flush=True)
     md = [header]
     only = {x.strip() for x in args.only.split(",") if x.strip()}
+    want = lambda section: not only or section in only  # noqa: E731
+    baseline = args.baseline.resolve() if args.baseline else None
     try:
-        if "small" in only or not only:
-            small = bench_small_ops(work, 5 if args.quick else args.rounds)
+        if want("small"):
+            small = bench_small_ops(work, 5 if args.quick else args.rounds, baseline=baseline)
             md.append(
                 print_table(
-                    "LangGraph small operations, ms (medians; EvolveStore beside SqliteStore, interleaved)",
+                    "LangGraph small operations, ms (medians; interleaved round by round)",
                     [
                         "store",
                         "open",
@@ -639,50 +788,80 @@ def main(argv: list[str] | None = None) -> None:
                     caption="Target: open + put + get + search of one item within 2x SqliteStore's time.",
                 )
             )
-        if not args.no_ingest and ("ingest" in only or not only):
-            ingest = bench_ingest(work, n_episodes, args.batch, n_naive=min(200, n_episodes), n_rows=2000)
+        if want("ingest"):
+            ingest = bench_ingest(
+                work,
+                n_episodes,
+                args.batch,
+                n_naive=min(200, n_episodes),
+                n_rows=2000,
+                rounds=1 if args.quick else args.ingest_rounds,
+                baseline=baseline,
+            )
             md.append(
                 print_table(
                     "Ingest (TextWorld-like steps: ~300-char observations, 10-30 admissible actions)",
-                    ["writer", "steps", "seconds", "steps/s"],
+                    [
+                        "writer",
+                        "steps",
+                        "seconds",
+                        "steps/s",
+                        "each run",
+                        "CPU us/step",
+                        "x before",
+                        "file MiB",
+                    ],
                     ingest,
-                    caption="Target: >= 50k steps/s batched.",
+                    caption="Target: >= 50k steps/s batched. Medians of alternated runs in fresh processes; "
+                    "CPU: all threads.",
                 )
             )
-        if only and "dense" not in only:
-            raise _Done
-        dense = bench_dense(work, sizes, n_queries, args.hard)
-        md.append(
-            print_table(
-                f"Dense top-10 search, {DIM}-d {'isotropic' if args.hard else 'two-level'} mixture, {n_queries} queries",
-                [
-                    "vectors",
-                    "index",
-                    "insert vec/s",
-                    "FAISS build s",
-                    "build end-to-end s",
-                    "p50 ms",
-                    "p99 ms",
-                    "recall@10",
-                ],
-                dense,
-                caption=f"HNSW M={vi.HNSW_M}, efConstruction={vi.HNSW_EF_CONSTRUCTION}, efSearch={vi.HNSW_EF_SEARCH}; "
-                "flat below the threshold. Latency through store.search_vector. Target at 1M: p50 <= 5 ms, "
-                "recall@10 >= 0.95.",
-            )  # fmt: skip
-        )
-        n_mid = 100_000 if not args.quick else 10_000
-        filt, lg = bench_filtered_and_langgraph(
-            work, n_mid, n_queries, min(50, n_queries), args.hard, langgraph=not args.no_langgraph
-        )
-        md.append(
-            print_table(
-                "Namespace-filtered top-10 search",
-                ["vectors", "namespace", "p50 ms", "p99 ms", "recall@10"],
-                filt,
+        if want("dense"):
+            dense = bench_dense(work, sizes, n_queries, args.hard)
+            md.append(
+                print_table(
+                    f"Dense top-10 search, {DIM}-d {'isotropic' if args.hard else 'two-level'} mixture, "
+                    f"{n_queries} queries, one namespace",
+                    [
+                        "vectors",
+                        "index",
+                        "insert vec/s",
+                        "FAISS build s",
+                        "build end-to-end s",
+                        "p50 ms",
+                        "p99 ms",
+                        "recall@10",
+                    ],
+                    dense,
+                    caption=f"HNSW M={vi.HNSW_M}, efConstruction={vi.HNSW_EF_CONSTRUCTION}, "
+                    f"efSearch={vi.HNSW_EF_SEARCH}; flat below the threshold. Latency through "
+                    "store.search_vector.",
+                )  # fmt: skip
             )
-        )
-        if lg:
+        if want("filtered"):
+            filt = bench_filtered(work, fsizes, n_queries, args.hard, args.shared_max)
+            md.append(
+                print_table(
+                    f"Namespace-filtered top-10 search ({DIM}-d random vectors, {n_queries} queries)",
+                    [
+                        "vectors",
+                        "namespace (its vectors)",
+                        "index layout",
+                        "FAISS parts",
+                        "build s",
+                        "p50 ms",
+                        "p95 ms",
+                        "recall@10",
+                    ],
+                    filt,
+                    caption="Target at 1M: p50 <= 1 ms at recall@10 >= 0.95. Latency through "
+                    "store.search_vector; build: DuckDB read + FAISS.",
+                )  # fmt: skip
+            )
+        if want("langgraph"):
+            lg = bench_langgraph(
+                work, 10_000 if args.quick else 100_000, n_queries, min(50, n_queries), args.hard
+            )
             md.append(
                 print_table(
                     "vs LangGraph InMemoryStore (same vectors, same query vectors)",
@@ -691,8 +870,6 @@ def main(argv: list[str] | None = None) -> None:
                     caption="Target: >= 10x InMemoryStore at 100k.",
                 )
             )
-    except _Done:
-        pass
     finally:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)

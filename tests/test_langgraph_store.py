@@ -351,6 +351,43 @@ def test_order_without_query_is_most_recent_first(store: EvolveStore) -> None:
     assert all(i.score is None for i in store.search(("o",)))
 
 
+def test_write_order_breaks_equal_timestamps_across_stores_and_reopens(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``seq`` keeps write order although it is only queried when another store may have written:
+    puts through two stores on one file, then through a reopened one, all at one frozen time."""
+    from datetime import datetime, timezone
+
+    import evolve.stores.langgraph_store as lgs
+
+    class Frozen(datetime):
+        @classmethod
+        def now(cls, tz: Any = None) -> Frozen:  # type: ignore[override]
+            return cls(2026, 1, 1, tzinfo=timezone.utc)
+
+    monkeypatch.setattr(lgs, "datetime", Frozen)
+    path = tmp_path / "s.duckdb"
+    index = {"dims": EMB.dim, "fields": FIELDS}
+    a = EvolveStore(ExperienceStore(path, embedder=EMB), index=index)  # type: ignore[arg-type]
+    b = EvolveStore(ExperienceStore(path, embedder=EMB), index=index)  # type: ignore[arg-type]
+    order: list[str] = []
+    for i, st in enumerate([a, a, b, a, b, b, a]):
+        st.put(("ns",), f"k{i}", {"text": f"item {i}"})
+        order.append(f"k{i}")
+    a.close()
+    b.close()
+    with ExperienceStore(path, embedder=EMB) as es:  # a store from before evolve_meta recorded the table
+        es.conn.execute("DELETE FROM evolve_meta WHERE key = 'langgraph_items'")
+    c = EvolveStore(ExperienceStore(path, embedder=EMB), index=index)  # type: ignore[arg-type]
+    assert c.store.meta["langgraph_items"] == "1"  # probed once, recorded again
+    c.put(("ns",), "k7", {"text": "item 7"})
+    c.put(("ns",), "k0", {"text": "item 0, again"})  # an overwrite moves k0 to the front
+    order = [k for k in order if k != "k0"] + ["k7", "k0"]
+    assert [it.key for it in c.search(("ns",), limit=20)] == order[::-1]
+    assert [it.key for it in c.search(("ns",), query="item", limit=20)]  # its vectors were replaced
+    c.close()
+
+
 def test_items_timestamps_and_emptied_namespaces(store: EvolveStore) -> None:
     store.put(("t",), "k", {"v": 1})
     first = store.get(("t",), "k")

@@ -525,7 +525,7 @@ def test_index_persisted_then_rebuilt_identically_when_deleted(
     builds: list[int] = []
     real_build = vi.VectorIndex.build
     monkeypatch.setattr(
-        vi.VectorIndex, "build", lambda self, v, x: (builds.append(len(v)), real_build(self, v, x))[1]
+        vi.VectorIndex, "build", lambda self, v, *a: (builds.append(len(v)), real_build(self, v, *a))[1]
     )
     with open_store(path) as s:  # the saved index is loaded, not rebuilt
         assert [
@@ -564,7 +564,7 @@ def test_stale_index_is_extended_with_rows_of_another_instance(
     builds: list[int] = []
     real_build = vi.VectorIndex.build
     monkeypatch.setattr(
-        vi.VectorIndex, "build", lambda self, v, x: (builds.append(len(v)), real_build(self, v, x))[1]
+        vi.VectorIndex, "build", lambda self, v, *a: (builds.append(len(v)), real_build(self, v, *a))[1]
     )
     a = open_store(path)
     _fill(a, 30)
@@ -654,6 +654,118 @@ def test_flat_switches_to_hnsw_with_high_recall(tmp_path: Path, monkeypatch: pyt
     # Reopened, the HNSW index comes back from disk as HNSW.
     with open_store(tmp_path / "s.duckdb", hnsw_threshold=2000) as s:
         assert s.vector_index("bench").kind == "hnsw"
+
+
+def test_large_namespaces_get_an_index_of_their_own(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Partitions by namespace: exact isolation, recall, a namespace moving out of the pool when it
+    grows, persistence (no rebuild on reopen), and a stale part file rebuilt from DuckDB."""
+    dim = 32
+    x = _clustered(3000, dim, 0)
+    nss = ["big"] * 1200 + ["mid"] * 500 + [f"t{i}" for i in range(1300)]  # 1300 namespaces of 1
+    mix = np.random.default_rng(1).permutation(3000)
+    x, nss = x[mix], [nss[i] for i in mix]
+    ids = [f"v{i}" for i in range(3000)]
+    rows = list(zip(ids, nss, ids))
+    q = _clustered(40, dim, 2)
+    builds: list[int] = []
+    real_build = vi.VectorIndex.build
+    monkeypatch.setattr(
+        vi.VectorIndex, "build", lambda self, v, *a: (builds.append(len(v)), real_build(self, v, *a))[1]
+    )
+    path = tmp_path / "s.duckdb"
+
+    def check(s: ExperienceStore) -> None:
+        for ns in ("big", "mid", "t7"):
+            mine = np.flatnonzero(np.array(nss) == ns)
+            truth = [[ids[mine[j]] for j in row] for row in np.argsort(-(q @ x[mine].T), axis=1)[:, :10]]
+            hits = [s.search_vector(qv, "bench", k=10, namespace=ns) for qv in q]
+            assert all(h.namespace == ns for hs in hits for h in hs)
+            assert _recall([[h.id for h in hs] for hs in hits], truth) >= 0.95
+
+    with open_store(path, hnsw_threshold=500, partition_min=600) as s:
+        s.add_vectors("bench", rows[:2000], x[:2000], model="synthetic")
+        idx = s.vector_index("bench")
+        big = int(np.sum(np.array(nss[:2000]) == "big"))
+        mid = int(np.sum(np.array(nss[:2000]) == "mid"))
+        assert big >= 600 > mid and set(idx.parts) == {"big"} and idx.parts["big"].kind == "hnsw"
+        assert idx.kind == "hnsw" and "1 namespace indexes" in idx.describe()
+        assert idx.pool.count == 2000 - big and idx.count == 2000
+        s.add_vectors("bench", rows[2000:], x[2000:], model="synthetic")  # "mid" reaches 500 < 600
+        s.add_vectors(
+            "bench", [(f"m{i}", "mid", "") for i in range(100)], _clustered(100, dim, 3), model="synthetic"
+        )
+        x = np.concatenate([x, _clustered(100, dim, 3)])
+        ids += [f"m{i}" for i in range(100)]
+        nss += ["mid"] * 100
+        idx = s.vector_index("bench")  # extended, "mid" (600) moved out of the pool
+        assert set(idx.parts) == {"big", "mid"} and idx.count == 3100 and builds == [2000]
+        check(s)
+        # Unscoped searches (LangGraph's) see every part.
+        every = {v for qv in q[:5] for v, _ in idx.search(qv, 50)}
+        assert len(every) > 50
+    with open_store(path, hnsw_threshold=500, partition_min=600) as s:  # loaded, not rebuilt
+        check(s)
+        assert builds == [2000]
+    part_files = sorted(Path(str(path) + ".index").glob("bench.*.part"))
+    assert len(part_files) == 2
+    part_files[0].write_bytes(Path(str(path) + ".index", "bench.index").read_bytes())  # another index
+    with open_store(path, hnsw_threshold=500, partition_min=600) as s:
+        check(s)
+        assert builds == [2000, 3100]
+
+
+def test_a_batch_is_written_all_or_nothing(store: ExperienceStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    from evolve.stores import _part
+
+    trajs = [make_traj(i, n_steps=3 + i % 7) for i in range(60)]
+    assert store.add_trajectories(trajs) == 60
+    assert {t.id: t for t in store.trajectories()} == {t.id: t for t in trajs}
+    assert count(store, "SELECT count(*) FROM steps") == sum(len(t.steps) for t in trajs)
+    # A table that fails to append (here the diagnoses, after the steps) undoes the whole batch,
+    # the replacement of traj-0 included.
+    real = _part.Part.append
+    calls: list[str] = []
+
+    def fail_diagnoses(self: _part.Part, table: object, arrow: object) -> None:
+        calls.append(getattr(table, "name", ""))
+        if calls[-1] == "diagnoses":
+            raise duckdb.IOException("disk full")
+        real(self, table, arrow)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(_part.Part, "append", fail_diagnoses)
+    more = [make_traj(100 + i, n_steps=5) for i in range(30)]
+    with pytest.raises(duckdb.IOException):
+        store.add_trajectories([make_traj(0, n_steps=1), *more])
+    assert calls == ["trajectories", "steps", "diagnoses"]
+    assert store.count_trajectories() == 60 and store.get_trajectory("traj-0") == trajs[0]
+    assert count(store, "SELECT count(*) FROM steps") == sum(len(t.steps) for t in trajs)
+
+
+def test_stores_of_a_process_share_one_duckdb_and_release_their_files(tmp_path: Path) -> None:
+    """Each store attaches its file to one DuckDB instance: two stores of one file share it, and
+    the file is free for another process once the last is closed, or collected unclosed."""
+    import gc
+
+    path = tmp_path / "s.duckdb"
+    a = open_store(path)
+    b = open_store(path)
+    a.upsert_skills([make_skill(0)])
+    assert [k.id for k in b.skills()] == ["skill-default-0"]
+    other = open_store(tmp_path / "other.duckdb")
+    other.upsert_skills([make_skill(1), make_skill(2)])
+    a.close()
+    b.upsert_skills([make_skill(3)])  # still attached for b
+    assert len(b.skills()) == 2 and len(other.skills()) == 2
+    b.close()
+    out = _reads_in_subprocess(path, "SELECT count(*) FROM skills")
+    assert out.strip() == "[(2,)]"
+    c = open_store(path)
+    c.upsert_skills([make_skill(4)])
+    del c  # never closed: released when collected, as a DuckDB connection closed its database
+    gc.collect()
+    assert _reads_in_subprocess(path, "SELECT count(*) FROM skills").strip() == "[(3,)]"
+    assert not Path(str(path) + ".wal").exists()  # detaching checkpointed it
+    other.close()
 
 
 def test_store_search_through_hnsw_matches_exact(tmp_path: Path) -> None:
@@ -1206,7 +1318,9 @@ def test_every_table_is_declared_once_and_matches_the_file(store: ExperienceStor
     from evolve.stores import tables
 
     rows = store.conn.execute(
-        "SELECT table_name, column_name, data_type FROM information_schema.columns ORDER BY table_name, ordinal_position"
+        # The process's stores share one DuckDB instance: only this store's catalog.
+        "SELECT table_name, column_name, data_type FROM information_schema.columns "
+        "WHERE table_catalog = current_database() ORDER BY table_name, ordinal_position"
     ).fetchall()
     have: dict[str, list[tuple[str, str]]] = {}
     for t, c, typ in rows:

@@ -48,6 +48,8 @@ from evolve.stores.experience import ExperienceStore
 from evolve.stores.hybrid import Reranker, rerank, rerank_order
 from evolve.stores.vector_index import EXACT_FILTER_LIMIT
 
+_META_KEY = "langgraph_items"
+"""The ``evolve_meta`` key that says this store has the items table (no catalog probe at open)."""
 KIND = "lg_item"
 """The ``vectors.kind`` of item embeddings."""
 TABLE = "langgraph_items"
@@ -423,11 +425,17 @@ class EvolveStore(BaseStore):
         """Optional: a query search's best ``4 x (offset + limit)`` items are reranked by it (their
         JSON values as texts); each item's ``score`` is then the reranker's."""
         self._model_checked = False
+        # The next items.seq and the store generation it is valid for (see ``_next_seq``).
+        self._seq: tuple[int, int] | None = None
         self._init_table()
 
     def _init_table(self) -> None:
-        try:  # the common case, an existing table: one cheap read, no write transaction
+        if self.store.meta.get(_META_KEY) == "1":  # the common case: known from the open's meta read
+            return
+        try:  # a table made before evolve_meta recorded it: one probe, recorded when writable
             self.store.conn.execute(f"SELECT 1 FROM {TABLE} LIMIT 0").fetchall()
+            if not self.store.read_only:
+                self.store.set_meta(_META_KEY, "1")
             return
         except duckdb.CatalogException:
             pass
@@ -437,6 +445,7 @@ class EvolveStore(BaseStore):
             )
         with self.store.transaction():
             self.store.conn.execute(_DDL)
+            self.store.set_meta(_META_KEY, "1")
 
     # ------------------------------------------------------------------ lifecycle
     def close(self) -> None:
@@ -570,6 +579,7 @@ class EvolveStore(BaseStore):
     ) -> list[Result]:
         results: list[Result] = [None] * plan.n
         qvec = dict(zip(queries, qv)) if qv is not None else {}
+        next_seq = gen = None
         with self._session(writes=bool(plan.puts)):
             self._run_gets(plan.gets, results)
             for i, s in plan.searches:
@@ -577,8 +587,22 @@ class EvolveStore(BaseStore):
             for i, op in plan.lists:
                 results[i] = self._list_namespaces(op)
             if plan.puts:
-                self._write(list(plan.puts.values()), dict(zip(docs, dv)) if dv is not None else {})
+                next_seq = self._write(
+                    list(plan.puts.values()), dict(zip(docs, dv)) if dv is not None else {}
+                )
+                gen = self.store.generation()
+        if next_seq is not None and gen is not None:
+            # Committed: the counter holds while the file's generation is the one this commit
+            # made; a commit of any other store on the file (before or after ours) moves it on.
+            self._seq = (gen + 1, next_seq)
         return results
+
+    def _next_seq(self) -> int | None:
+        """The first free ``seq`` when known without a query: from this store's last commit, if
+        nothing else committed on the file since."""
+        if self._seq is not None and self._seq[0] == self.store.generation():
+            return self._seq[1]
+        return None
 
     def _rows(self, sql: str, params: list[Any]) -> list[tuple[Any, ...]]:
         return self.store.conn.execute(sql, params).fetchall()
@@ -736,7 +760,9 @@ class EvolveStore(BaseStore):
         )
         return [tuple(r[0]) for r in rows]
 
-    def _write(self, puts: list[_Put], vec_of: dict[str, np.ndarray]) -> None:
+    def _write(self, puts: list[_Put], vec_of: dict[str, np.ndarray]) -> int | None:
+        """Write the puts (inside the batch's transaction); returns the next free ``seq`` (None
+        when only deletes)."""
         conn = self.store.conn
         now = datetime.now(timezone.utc).replace(tzinfo=None)
         dels = [p for p in puts if p.value is None]
@@ -751,32 +777,43 @@ class EvolveStore(BaseStore):
                 f"DELETE FROM {TABLE} WHERE ref_id IN (SELECT unnest(?::VARCHAR[]))",
                 [[_ref_id(_prefix(p.ns), p.key) for p in dels]],
             )
-        if ups:
-            seq0 = int(conn.execute(f"SELECT coalesce(max(seq), 0) FROM {TABLE}").fetchall()[0][0])
-            if len(ups) <= _SMALL_BATCH:
-                self._write_small(ups, seq0, now)
-            else:
-                self._write_bulk(ups, seq0, now)
+        # New items have no vectors to replace (an item's vectors go with it): known for a few puts.
+        replace, last = True, None
+        if ups and len(ups) <= _SMALL_BATCH:
+            replace, last = self._write_small(ups, self._next_seq(), now)
+        elif ups:
+            first = self._next_seq()
+            if first is None:
+                first = int(self._rows(f"SELECT coalesce(max(seq), 0) + 1 FROM {TABLE}", [])[0][0])
+            self._write_bulk(ups, first - 1, now)
+            last = first - 1 + len(ups)
         rows = [(_ref_id(_prefix(p.ns), p.key), "lg:" + _prefix(p.ns), t) for p in ups for t in p.texts]
         if rows:
             assert self._embedding is not None
             vecs = np.stack([vec_of[t] for _, _, t in rows])
-            self.store.add_vectors(KIND, rows, vecs, model=self._embedding.name)
+            self.store.add_vectors(KIND, rows, vecs, model=self._embedding.name, replace=replace)
+        return None if last is None else last + 1
 
-    def _write_small(self, ups: list[_Put], seq0: int, now: datetime) -> None:
+    def _write_small(self, ups: list[_Put], first: int | None, now: datetime) -> tuple[bool, int]:
         """A few puts: UPDATE, else INSERT, each with parameters (DuckDB's ON CONFLICT costs
-        several ms per statement, more than the whole rest of a one-item put)."""
+        several ms per statement, more than the whole rest of a one-item put). ``first`` is the
+        first free ``seq``; None: each statement takes max(seq) + 1 itself (no query of its own).
+        Returns whether any of them existed (whose vectors must then be replaced), and the last seq."""
         conn = self.store.conn
-        for j, p in enumerate(ups, 1):
+        existed = False
+        seq = f"(SELECT coalesce(max(seq), 0) + 1 FROM {TABLE})" if first is None else "?"
+        last = 0
+        for j, p in enumerate(ups):
             prefix = _prefix(p.ns)
+            given = [] if first is None else [first + j]
             found = conn.execute(
-                f"""UPDATE {TABLE} SET value = ?::JSON, index_spec = ?::JSON, updated_at = ?, seq = ?
-                    WHERE prefix = ? AND key = ? RETURNING 1""",
-                [p.value, p.index_spec, now, seq0 + j, prefix, p.key],
+                f"""UPDATE {TABLE} SET value = ?::JSON, index_spec = ?::JSON, updated_at = ?, seq = {seq}
+                    WHERE prefix = ? AND key = ? RETURNING seq""",
+                [p.value, p.index_spec, now, *given, prefix, p.key],
             ).fetchall()
             if not found:
-                conn.execute(
-                    f"INSERT INTO {TABLE} VALUES (?, ?, ?, ?, ?::JSON, ?::JSON, ?, ?, ?)",
+                found = conn.execute(
+                    f"""INSERT INTO {TABLE} SELECT ?, ?, ?, ?, ?::JSON, ?::JSON, ?, ?, {seq} RETURNING seq""",
                     [
                         prefix,
                         list(p.ns),
@@ -786,9 +823,13 @@ class EvolveStore(BaseStore):
                         p.index_spec,
                         now,
                         now,
-                        seq0 + j,
+                        *given,
                     ],
-                )
+                ).fetchall()
+            else:
+                existed = True
+            last = int(found[0][0])
+        return existed, last
 
     def _write_bulk(self, ups: list[_Put], seq0: int, now: datetime) -> None:
         conn = self.store.conn

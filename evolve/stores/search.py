@@ -50,7 +50,12 @@ class VectorSearch(Part):
 
     # ------------------------------------------------------------------ writing vectors
     def write(
-        self, kind: str, rows: Sequence[tuple[str, str, str]], vecs: np.ndarray, model: str | None = None
+        self,
+        kind: str,
+        rows: Sequence[tuple[str, str, str]],
+        vecs: np.ndarray,
+        model: str | None = None,
+        replace: bool = True,
     ) -> None:
         vecs = np.asarray(vecs, dtype=np.float32)
         model = model or self.store.embedder.name
@@ -59,16 +64,17 @@ class VectorSearch(Part):
             return
         if n <= 8:
             with self.store.transaction():
-                # A few rows: parameters, one statement each (Arrow's setup costs more than this).
-                self.conn.execute(
-                    "DELETE FROM vectors WHERE kind = ? AND list_contains(?::VARCHAR[], ref_id)",
-                    [kind, list(dict.fromkeys(r[0] for r in rows))],
-                )
-                for (ref_id, ns, text), vec in zip(rows, vecs):
+                # A few rows: parameters in one statement (Arrow's setup costs more than this).
+                if replace:
                     self.conn.execute(
-                        "INSERT INTO vectors VALUES (nextval('vid_seq'), ?, ?, ?, ?, ?, ?::FLOAT[])",
-                        [kind, ref_id, ns, model, text, vec.tolist()],
+                        "DELETE FROM vectors WHERE kind = ? AND list_contains(?::VARCHAR[], ref_id)",
+                        [kind, list(dict.fromkeys(r[0] for r in rows))],
                     )
+                values = ", ".join(["(nextval('vid_seq'), ?, ?, ?, ?, ?, ?::FLOAT[])"] * n)
+                params: list[Any] = []
+                for (ref_id, ns, text), vec in zip(rows, vecs):
+                    params += [kind, ref_id, ns, model, text, vec.tolist()]
+                self.conn.execute(f"INSERT INTO vectors VALUES {values}", params)
             self.invalidate(kind)
             return
         with self.store.transaction():
@@ -170,7 +176,7 @@ class VectorSearch(Part):
             meta = self._meta.get(kind) if idx is not None else None
             path = store.index_dir / f"{kind}.index" if store.index_dir else None
             if idx is None and path is not None and not rebuild:
-                idx = VectorIndex.load(path, store.hnsw_threshold)
+                idx = VectorIndex.load(path, store.hnsw_threshold, store.partition_min)
             if idx is not None and idx.dim != dim:
                 idx = None  # dimension mismatch: the embedder changed
             changed = False
@@ -183,17 +189,17 @@ class VectorSearch(Part):
                 assert newer is not None
                 if idx.count + int(newer[0]) == n and (idx.checksum + int(newer[1])) % (1 << 61) == sm:
                     start = idx.max_vid + 1
-                    vids, vecs = self._load_vectors(kind, min_vid=start)
-                    idx.add(vids, vecs)
+                    vids, vecs, nss = self._load_vectors(kind, min_vid=start)
+                    idx.add(vids, vecs, nss)
                     if meta is not None:
                         meta = meta.extend(self._load_meta(kind, min_vid=start))
                     changed = True
                 else:
                     idx = None
             if idx is None:
-                idx = VectorIndex(dim, store.hnsw_threshold)
-                vids, vecs = self._load_vectors(kind)
-                idx.build(vids, vecs)
+                idx = VectorIndex(dim, store.hnsw_threshold, store.partition_min)
+                vids, vecs, nss = self._load_vectors(kind)
+                idx.build(vids, vecs, nss)
                 meta = None
                 changed = True
             if meta is None or len(meta) != idx.count:
@@ -207,17 +213,20 @@ class VectorSearch(Part):
             self._fresh[kind] = gen
             return idx
 
-    def _load_vectors(self, kind: str, min_vid: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    def _load_vectors(self, kind: str, min_vid: int = 0) -> tuple[np.ndarray, np.ndarray, pa.ChunkedArray]:
+        """``(vids, vectors, namespaces)`` of ``kind`` from ``min_vid`` on, in vid order."""
         # sql(), not execute(): Arrow from a relation is not copied twice.
         tbl = self.conn.sql(
-            "SELECT vid, vec FROM vectors WHERE kind = ? AND vid >= ? ORDER BY vid", params=[kind, min_vid]
+            "SELECT vid, namespace, vec FROM vectors WHERE kind = ? AND vid >= ? ORDER BY vid",
+            params=[kind, min_vid],
         ).to_arrow_table()
         vids = tbl.column("vid").to_numpy().astype(np.int64)
         if len(vids) == 0:
-            return vids, np.zeros((0, self._dims(kind) or 1), dtype=np.float32)
+            return vids, np.zeros((0, self._dims(kind) or 1), dtype=np.float32), tbl.column("namespace")
         col = tbl.column("vec").combine_chunks()
-        flat = col.flatten().to_numpy(zero_copy_only=False).astype(np.float32)
-        return vids, flat.reshape(len(vids), -1)
+        # A view of Arrow's float32 buffer, not a copy: at 1M 384-d vectors a copy is 1.5 GB more.
+        flat = col.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+        return vids, flat.reshape(len(vids), -1), tbl.column("namespace")
 
     def _load_meta(self, kind: str, min_vid: int = 0) -> _Meta:
         tbl = self.conn.sql(
@@ -299,7 +308,7 @@ class VectorSearch(Part):
                         f"(embedder '{getattr(store._embedder, 'name', '?')}'); search with the embedder that wrote them"
                     )
                 # Namespace isolation is exact: only allowed vids can come back.
-                dense = idx.search(q, depth, allowed=allowed)
+                dense = idx.search(q, depth, allowed=allowed, namespaces=(ns,))
             if mode in ("hybrid", "keyword"):
                 bm = self._keyword(kind, meta)
                 if mask is None and allowed is not None:

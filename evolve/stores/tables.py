@@ -198,7 +198,7 @@ def migrate(conn: duckdb.DuckDBPyConnection) -> list[str]:
     create_all(conn)
     have: dict[str, set[str]] = {}
     for table, column in conn.execute(
-        "SELECT table_name, column_name FROM information_schema.columns"
+        "SELECT table_name, column_name FROM information_schema.columns WHERE table_catalog = current_database()"
     ).fetchall():
         have.setdefault(table, set()).add(column)
     added = []

@@ -6,6 +6,7 @@ import json
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 from evolve.errors import StoreError
@@ -19,77 +20,97 @@ _STEP_JSON = Step.__pydantic_serializer__.to_json
 
 def traj_summary(t: Trajectory) -> str:
     """Text that represents an episode for retrieval (goal, outcome, what was done)."""
-    acts = "; ".join(s.action.text for s in t.steps[:40])
+    acts = "; ".join([s.action.text for s in t.steps[:40]])
     summ = t.metadata.get("summary") if isinstance(t.metadata.get("summary"), str) else ""
     return f"{t.goal} | {t.outcome.value} score {t.score:g} | {summ} | actions: {acts}"[:2000]
 
 
+def _utf8_column(chunks: list[bytes]) -> pa.Array | list[bytes]:
+    """A string column from UTF-8 bytes in one copy: pyarrow's per-value conversion (and its
+    UTF-8 check, needless for the serializer's output) cost ~1 us a step at ingest."""
+    lengths = np.fromiter(map(len, chunks), dtype=np.int64, count=len(chunks))
+    offsets = np.zeros(len(chunks) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    if offsets[-1] >= 2**31 - 1:
+        return chunks  # over pa.string()'s 32-bit offsets: let pyarrow convert (and fail clearly)
+    bufs = [None, pa.py_buffer(offsets.astype(np.int32)), pa.py_buffer(b"".join(chunks))]
+    return pa.Array.from_buffers(pa.string(), len(chunks), bufs)
+
+
+_Tables = tuple[pa.Table, pa.Table | None, pa.Table | None]
+
+
+def _columns(owned: Sequence[tuple[Trajectory, str]]) -> _Tables:
+    """The trajectories, steps and diagnoses rows of ``owned`` as Arrow tables, built column-wise
+    before the transaction begins (no database work, so no lock is held meanwhile)."""
+    trows: dict[str, list[Any]] = {c: [] for c in T.TRAJECTORIES.names}
+    data: list[bytes] = []
+    srows: dict[str, list[Any]] = {c: [] for c in T.STEPS.names if c != "data"}
+    drows: dict[str, list[Any]] = {c: [] for c in T.DIAGNOSES.names}
+    for t, ns in owned:
+        row = (
+            t.id,
+            ns,
+            t.run_id,
+            t.task_id,
+            t.env,
+            t.split.value,
+            t.policy,
+            t.arm,
+            t.outcome.value,
+            t.score,
+            t.max_score,
+            len(t.steps),
+            t.seed,
+            t.created_at,
+            traj_summary(t),
+            t.model_dump_json(exclude={"steps"}),
+        )
+        for c, v in zip(T.TRAJECTORIES.names, row):
+            trows[c].append(v)
+        steps, m = t.steps, len(t.steps)
+        # A step's pre_state is almost always the previous post_state: store it once
+        # (halves the serialisation cost, the bottleneck of ingest); assemble restores it.
+        shared = [False] * min(m, 1) + [
+            b.pre_state is a.post_state or b.pre_state == a.post_state for a, b in zip(steps, steps[1:])
+        ]
+        # Column-wise comprehensions and the serializer itself (model_dump_json adds ~10% per
+        # call); its bytes go to Arrow as they are.
+        data += [_STEP_JSON(s, exclude=_PRE) if sh else _STEP_JSON(s) for s, sh in zip(steps, shared)]
+        srows["pre_shared"] += shared
+        srows["trajectory_id"] += [t.id] * m
+        srows["namespace"] += [ns] * m
+        srows["idx"] += [s.index for s in steps]
+        srows["action"] += [s.action.text for s in steps]
+        srows["observation"] += [s.post_state.text for s in steps]
+        srows["reward"] += [s.reward for s in steps]
+        srows["done"] += [s.done for s in steps]
+        srows["causes"] += [s.diagnosis.cause_names() if s.diagnosis else [] for s in steps]
+        for s in steps:
+            if s.diagnosis:
+                for ce in s.diagnosis.causes:
+                    for c, v in zip(T.DIAGNOSES.names, (t.id, s.index, ns, ce.cause.value, ce.evidence)):
+                        drows[c].append(v)
+        if t.diagnosis:
+            for ce in t.diagnosis.causes:
+                for c, v in zip(T.DIAGNOSES.names, (t.id, -1, ns, ce.cause.value, ce.evidence)):
+                    drows[c].append(v)
+    steps_tbl = T.STEPS.arrow({**srows, "data": _utf8_column(data)}) if data else None
+    diag_tbl = T.DIAGNOSES.arrow(drows) if drows["cause"] else None
+    return T.TRAJECTORIES.arrow(trows), steps_tbl, diag_tbl
+
+
 class Trajectories(Part):
     def add(self, trajectories: Sequence[Trajectory]) -> int:
+        """Write ``trajectories`` (replacing stored ones by id) in one transaction."""
         if not trajectories:
             return 0
         # One row per id: a later duplicate in the same batch replaces an earlier one.
-        trajectories = list({t.id: t for t in trajectories}.values())
-        trows: dict[str, list[Any]] = {c: [] for c in T.TRAJECTORIES.names}
-        srows: dict[str, list[Any]] = {c: [] for c in T.STEPS.names}
-        drows: dict[str, list[Any]] = {c: [] for c in T.DIAGNOSES.names}
-        for t in trajectories:
-            t, ns = self.store._own(t)
-            head = t.model_dump_json(exclude={"steps"})
-            for c, v in zip(
-                T.TRAJECTORIES.names,
-                (
-                    t.id,
-                    ns,
-                    t.run_id,
-                    t.task_id,
-                    t.env,
-                    t.split.value,
-                    t.policy,
-                    t.arm,
-                    t.outcome.value,
-                    t.score,
-                    t.max_score,
-                    len(t.steps),
-                    t.seed,
-                    t.created_at,
-                    traj_summary(t),
-                    head,
-                ),
-            ):
-                trows[c].append(v)
-            steps, m = t.steps, len(t.steps)
-            # A step's pre_state is almost always the previous post_state: store it once
-            # (halves the serialisation cost, the bottleneck of ingest); assemble restores it.
-            shared = [False] * min(m, 1) + [
-                b.pre_state is a.post_state or b.pre_state == a.post_state for a, b in zip(steps, steps[1:])
-            ]
-            # Column-wise comprehensions and the serializer itself (model_dump_json adds ~10% per
-            # call); its bytes go to Arrow as they are.
-            srows["data"] += [
-                _STEP_JSON(s, exclude=_PRE) if sh else _STEP_JSON(s) for s, sh in zip(steps, shared)
-            ]
-            srows["pre_shared"] += shared
-            srows["trajectory_id"] += [t.id] * m
-            srows["namespace"] += [ns] * m
-            srows["idx"] += [s.index for s in steps]
-            srows["action"] += [s.action.text for s in steps]
-            srows["observation"] += [s.post_state.text for s in steps]
-            srows["reward"] += [s.reward for s in steps]
-            srows["done"] += [s.done for s in steps]
-            srows["causes"] += [s.diagnosis.cause_names() if s.diagnosis else [] for s in steps]
-            for s in steps:
-                if s.diagnosis:
-                    for ce in s.diagnosis.causes:
-                        for c, v in zip(T.DIAGNOSES.names, (t.id, s.index, ns, ce.cause.value, ce.evidence)):
-                            drows[c].append(v)
-            if t.diagnosis:
-                for ce in t.diagnosis.causes:
-                    for c, v in zip(T.DIAGNOSES.names, (t.id, -1, ns, ce.cause.value, ce.evidence)):
-                        drows[c].append(v)
-        ids = trows["id"]
+        owned = [self.store._own(t) for t in {t.id: t for t in trajectories}.values()]
+        ids = [t.id for t, _ in owned]
+        tables = _columns(owned)
         with self.store.transaction():
-            for ns in set(trows["namespace"]):
+            for ns in dict.fromkeys(ns for _, ns in owned):
                 self.store._ensure_namespace(ns)
             # Replace by id; only ids already stored cost a scan of the (large) steps table.
             old = [
@@ -107,12 +128,13 @@ class Trajectories(Part):
                     self.conn.execute(
                         f"DELETE FROM {table} WHERE {col} IN (SELECT unnest(?::VARCHAR[]))", [old]
                     )
-            self.append(T.TRAJECTORIES, T.TRAJECTORIES.arrow(trows))
-            if srows["idx"]:
-                self.append(T.STEPS, T.STEPS.arrow(srows))
-            if drows["cause"]:
-                self.append(T.DIAGNOSES, T.DIAGNOSES.arrow(drows))
+            self._insert(tables)
         return len(ids)
+
+    def _insert(self, tables: _Tables) -> None:
+        for spec, tbl in zip((T.TRAJECTORIES, T.STEPS, T.DIAGNOSES), tables):
+            if tbl is not None:
+                self.append(spec, tbl)
 
     def get(self, trajectory_id: str, ns: str) -> Trajectory:
         row = self.one("SELECT data FROM trajectories WHERE id = ? AND namespace = ?", [trajectory_id, ns])
