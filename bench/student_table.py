@@ -305,7 +305,8 @@ def table_main(args: argparse.Namespace) -> None:
             result = None if row == "before" else train_row(b, row, train, know)
             gguf = row_gguf(b, row, result)
             with local_server(gguf=gguf, threads=args.threads) as url:
-                play(b, row, url, gguf.stem, know, train)
+                # the memory arm first: it is the cheaper one (memory runs some steps itself)
+                play(b, row, url, gguf.stem, know, train, ("evolve", "no_memory"))
     report(b, time.perf_counter() - t0)
     b.store.close()
 
