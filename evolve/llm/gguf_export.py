@@ -1,7 +1,7 @@
 """Export a trained student (a merged HF checkpoint) to GGUF, on top of the GGUF it started from.
 
-Why: a student evaluated through llama.cpp (``bench/local_llm.py serve --gguf``) generates ~3x
-faster on CPU than torch ``generate``. Students start from a quantised GGUF (dequantised by
+Why: so a trained student is served by llama.cpp exactly like its base model
+(``bench/local_llm.py serve --gguf``) and played through the ``openai`` policy. Students start from a quantised GGUF (dequantised by
 transformers) and LoRA changes only a few matrices, so the export is a *patch* of the base file:
 
 - every metadata key/value of the base is copied, so the architecture, hyper-parameters,
