@@ -20,6 +20,12 @@ ones rewritten) and served by llama.cpp, then played by the ``openai`` policy. A
 reuses its finished output dir, and ``--rows`` picks what to run now. ``--report-only`` rebuilds
 the table and plots from the store.
 
+The store and the checkpoints are not committed, and a session may start on a fresh machine, so
+what is measured is also kept where git keeps it: every episode in ``OUT/episodes/<run>.jsonl.gz``
+and every trained row's LoRA adapter (+ its ``result.json``) in ``OUT/adapters/<row>/``. A fresh
+store is filled from the episode files before anything runs, and a missing merged checkpoint is
+rebuilt from the base and its adapter: a row measured once is never trained or played again.
+
     python bench/local_llm.py fetch --model qwen2.5-coder-0.5b && python bench/local_llm.py fetch --model qwen2.5-coder-1.5b
     python bench/local_llm.py hf --model qwen2.5-coder-0.5b   # (and 1.5b for sft+opd)
     nohup python bench/distill.py table --rows teacher,before,sft,opsd > table.log 2>&1 &
@@ -29,9 +35,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gzip
 import hashlib
 import json
 import os
+import re
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -127,7 +136,84 @@ def setup(args: argparse.Namespace) -> Bench:
         announce=lambda arm, n, _s: print(f"  {arm}: {n} episodes to run", flush=True),
     )
     memory = memory_for(store, NS, "hash", env="textworld")
-    return Bench(args, out, store, spec, tasks, episodes, memory, lambda *m: print(*m, flush=True))
+    b = Bench(args, out, store, spec, tasks, episodes, memory, lambda *m: print(*m, flush=True))
+    if n := restore_episodes(b):
+        b.log(f"  restored {n} episodes from {out / 'episodes'}")
+    return b
+
+
+# ------------------------------------------------------------- what survives a fresh machine
+def _run_file(b: Bench, run_id: str) -> Path:
+    return b.out / "episodes" / (re.sub(r"[^A-Za-z0-9_.+-]", "_", run_id) + ".jsonl.gz")
+
+
+def save_episodes(b: Bench) -> None:
+    """Every episode of the namespace, one gzipped JSON-lines file per run id (rewritten when it grew)."""
+    by_run: dict[str, list[Any]] = {}
+    for t in b.store.trajectories(NS):
+        by_run.setdefault(t.run_id or "", []).append(t)
+    for run_id, trajs in by_run.items():
+        f = _run_file(b, run_id)
+        if f.is_file():
+            with gzip.open(f, "rt") as fh:
+                if sum(1 for _ in fh) == len(trajs):
+                    continue
+        f.parent.mkdir(parents=True, exist_ok=True)
+        tmp = f.with_suffix(".tmp")
+        with gzip.open(tmp, "wt") as fh:
+            for t in sorted(trajs, key=lambda t: (t.task_id, t.seed, t.id)):
+                fh.write(t.model_dump_json() + "\n")
+        tmp.replace(f)
+
+
+def restore_episodes(b: Bench) -> int:
+    """Put the committed episodes the store lacks into it (a fresh machine); returns how many."""
+    from evolve.schema import Trajectory
+
+    files = sorted((b.out / "episodes").glob("*.jsonl.gz"))
+    if not files:
+        return 0
+    have = {t.id for t in b.store.trajectories(NS)}
+    missing = []
+    for f in files:
+        with gzip.open(f, "rt") as fh:
+            missing += [t for line in fh if (t := Trajectory.model_validate_json(line)).id not in have]
+    if missing:
+        b.store.add_trajectories(missing)
+    return len(missing)
+
+
+def save_adapter(b: Bench, row: str, out_dir: Path) -> None:
+    """The row's LoRA adapter and result.json, a few MB, kept in git under OUT/adapters/ROW."""
+    keep = b.out / "adapters" / row.replace("+", "-")
+    if (keep / "result.json").is_file():
+        return
+    keep.mkdir(parents=True, exist_ok=True)
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        shutil.copy2(out_dir / "adapter" / name, keep / name)
+    shutil.copy2(out_dir / "result.json", keep / "result.json")
+
+
+def restore_adapter(b: Bench, row: str, base: Path, out_dir: Path) -> Any:
+    """Rebuild ``out_dir/merged`` from ``base`` + the kept adapter; None when none is kept."""
+    keep = b.out / "adapters" / row.replace("+", "-")
+    if not (keep / "result.json").is_file():
+        return None
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from evolve.train.trainer import TrainResult
+
+    b.log(f"  {row}: rebuilding {out_dir / 'merged'} from {base} + {keep}")
+    model = AutoModelForCausalLM.from_pretrained(str(base), torch_dtype=torch.float32)
+    merged = PeftModel.from_pretrained(model, str(keep)).merge_and_unload()
+    merged.save_pretrained(str(out_dir / "merged"))
+    AutoTokenizer.from_pretrained(str(base)).save_pretrained(str(out_dir / "merged"))
+    r = TrainResult.model_validate_json((keep / "result.json").read_text())
+    r = r.model_copy(update={"output_dir": str(out_dir), "merged_dir": str(out_dir / "merged")})
+    (out_dir / "result.json").write_text(r.model_dump_json(indent=1))
+    return r
 
 
 def openai_spec(alias: str, base_url: str) -> Any:
@@ -202,6 +288,10 @@ def train_row(b: Bench, row: str, train: list[Any], know: list[Any]) -> Any:
     # opsd shares its output dir with `distill.py logprob` (same settings): trained once for both
     out_dir = Path("bench/results/distill/train-opsd") if row == "opsd" else b.out / f"train-{row}"
     if (r := _train_result(out_dir)) is not None:
+        save_adapter(b, row, out_dir)
+        return r
+    base = Path(train_row(b, "sft", train, know).merged_dir) if row == "sft+opd" else student
+    if (r := restore_adapter(b, row, base, out_dir)) is not None:
         return r
     common = {
         "output_dir": str(out_dir),
@@ -220,9 +310,8 @@ def train_row(b: Bench, row: str, train: list[Any], know: list[Any]) -> Any:
     else:
         op = {"envs": 2, "max_turns": 3, "max_new_tokens": 48, "temperature": 1.0}
         if row == "sft+opd":
-            sft = train_row(b, "sft", train, know)
             cfg = TrainConfig(
-                student=str(sft.merged_dir), method="opd", teacher=str(b.model_hf(a.teacher)),
+                student=str(base), method="opd", teacher=str(b.model_hf(a.teacher)),
                 lr=1e-4, schedule="constant", max_steps=a.op_steps, on_policy=OnPolicySettings(**op), **common,
             )  # fmt: skip
             hooks = None
@@ -235,6 +324,7 @@ def train_row(b: Bench, row: str, train: list[Any], know: list[Any]) -> Any:
             hooks = b.memory.evolve(know) if row == "skill_sd" else None
         r = train_on_policy(cfg, b.spec, b.store, namespace=NS, run_id=f"train:{row}", knowledge_hooks=hooks)
     b.log(f"  {row}: trained in {time.perf_counter() - t0:.0f} s -> {r.merged_dir}")
+    save_adapter(b, row, out_dir)
     return r
 
 
@@ -267,6 +357,7 @@ def play(
             f"{row}:{arm}", b.tasks["test"], hooks=hooks, policy=openai_spec(alias, base_url)
         )
         b.log(f"  {row}:{arm}: {sum(t.success for t in trajs)}/{len(trajs)} won")
+        save_episodes(b)
 
 
 def table_main(args: argparse.Namespace) -> None:
@@ -289,6 +380,7 @@ def table_main(args: argparse.Namespace) -> None:
             teacher_url = url
             teacher = teacher_train(b, teacher_url)
             know = knowledge(b, oracle + teacher)
+            save_episodes(b)
             b.log(
                 f"  knowledge: {len(know)} active; teacher won {sum(t.success for t in teacher)}/{len(teacher)} train games"
             )
@@ -300,6 +392,7 @@ def table_main(args: argparse.Namespace) -> None:
             from evolve.specs import PolicySpec
 
             b.episodes.run("oracle:no_memory", b.tasks["test"], policy=PolicySpec(kind="oracle"))
+            save_episodes(b)
         for row in [r for r in rows if r in MODEL_ROWS and r != "teacher"]:
             b.log(f"row {row}")
             result = None if row == "before" else train_row(b, row, train, know)
@@ -326,8 +419,25 @@ def report(b: Bench, wall: float) -> None:
     if not runs:
         b.log("nothing to report yet")
         return
+    # Rows measured before the episodes were kept in git (their per-episode data is gone): carried
+    # over from the last results.json as they were, marked, and left out of the paired comparisons.
+    prev = b.out / "results.json"
+    carried = {
+        k: v | {"carried": True}
+        for k, v in (json.loads(prev.read_text())["rows"] if prev.is_file() else {}).items()
+        if k not in runs and (v.get("carried") or v["episodes"] >= b.args.n_test)
+    }
     results: dict[str, Any] = {"rows": {}, "compare": {}, "train": {}}
     table = []
+    for label, m in carried.items():
+        results["rows"][label] = m
+        s = m["success"]
+        table.append(
+            [label + " *", m["episodes"], f"{100 * s['mean']:.1f} [{100 * s['lo']:.0f}, {100 * s['hi']:.0f}]",
+             f"{m['score']['mean']:.1f}", m["steps_mean"],
+             f"{m['prompt_tokens_per_step']:.0f}+{m['completion_tokens_per_step']:.0f}", m["latency_p50_s"],
+             None, None, None, None]
+        )  # fmt: skip
     for label, trajs in runs.items():
         m = arm_metrics(label, trajs)
         row = label.split(":")[0]
@@ -371,6 +481,11 @@ def report(b: Bench, wall: float) -> None:
                 f"score {c.score_delta.mean:+.1f} ({c.paired_episodes} paired episodes)"
             )
     text = md + "\n\nPaired on the same games and seed:\n" + "\n".join(lines) + "\n"
+    if carried:
+        text += (
+            "\n\\* measured on the same games and seed by an earlier run whose per-episode data was not"
+            " kept: shown as recorded, not in the paired comparisons.\n"
+        )
     CONSOLE.print("\n".join(lines))
     (b.out / "table.md").write_text(text)
     results["wall_s"] = wall
@@ -384,7 +499,7 @@ def plots(b: Bench, runs: dict[str, list[Any]], results: dict[str, Any]) -> None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in ROWS if any(f"{r}:{a}" in runs for a in ARMS)]
+    rows = [r for r in ROWS if any(f"{r}:{a}" in results["rows"] for a in ARMS)]
     fig, ax = plt.subplots(figsize=(8, 4))
     width = 0.38
     for i, arm in enumerate(ARMS):
