@@ -570,27 +570,37 @@ def _embed_fn() -> Callable[[list[str]], list[list[float]]]:
     return embed
 
 
+def _timed_round(open_store: Any, path: Path) -> dict[str, float]:
+    """ms of each of open / put / get / search / close of one item; ``open_store(path)`` gives
+    (store, close)."""
+    t0 = time.perf_counter()
+    st, close = open_store(path)
+    t1 = time.perf_counter()
+    st.put(("users", "u1"), "pref", {"text": "likes green tea in the morning"})
+    t2 = time.perf_counter()
+    got = st.get(("users", "u1"), "pref")
+    t3 = time.perf_counter()
+    hits = st.search(("users",), query="green tea", limit=10)
+    t4 = time.perf_counter()
+    close()
+    t5 = time.perf_counter()
+    assert got is not None and hits and hits[0].key == "pref", hits
+    return {op: dt * 1e3 for op, dt in zip(_OPS, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4))}
+
+
 def small_round_json(workdir: Path) -> dict[str, dict[str, float]]:
     """One warm-up, one new-file and one reopen round of EvolveStore alone (``--small-json``)."""
     from evolve.stores.langgraph_store import EvolveStore
 
     index = {"dims": DIM, "embed": _embed_fn(), "fields": ["text"]}
+
+    def open_store(path: Path) -> tuple[Any, Any]:
+        st = EvolveStore(path=path, index=index)  # type: ignore[arg-type]
+        return st, st.close
+
     out: dict[str, dict[str, float]] = {}
     for mode in ("warm-up", "new file", "reopen"):
-        path = workdir / ("small-warm.db" if mode == "warm-up" else "small.db")
-        t0 = time.perf_counter()
-        st = EvolveStore(path=path, index=index)  # type: ignore[arg-type]
-        t1 = time.perf_counter()
-        st.put(("users", "u1"), "pref", {"text": "likes green tea in the morning"})
-        t2 = time.perf_counter()
-        got = st.get(("users", "u1"), "pref")
-        t3 = time.perf_counter()
-        hits = st.search(("users",), query="green tea", limit=10)
-        t4 = time.perf_counter()
-        st.close()
-        t5 = time.perf_counter()
-        assert got is not None and hits and hits[0].key == "pref"
-        out[mode] = {op: dt * 1e3 for op, dt in zip(_OPS, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4))}
+        out[mode] = _timed_round(open_store, workdir / ("small-warm.db" if mode == "warm-up" else "small.db"))
     return out
 
 
@@ -607,20 +617,8 @@ def bench_small_ops(
 
     def one_round(name: str, mode: str, path: Path) -> None:
         t = times.setdefault((name, mode), {op: [] for op in ops})
-        t0 = time.perf_counter()
-        st, close = stores[name](path)
-        t1 = time.perf_counter()
-        st.put(("users", "u1"), "pref", {"text": "likes green tea in the morning"})
-        t2 = time.perf_counter()
-        got = st.get(("users", "u1"), "pref")
-        t3 = time.perf_counter()
-        hits = st.search(("users",), query="green tea", limit=10)
-        t4 = time.perf_counter()
-        close()
-        t5 = time.perf_counter()
-        assert got is not None and hits and hits[0].key == "pref", (name, hits)
-        for op, dt in zip(ops, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)):
-            t[op].append(dt * 1e3)
+        for op, ms in _timed_round(stores[name], path).items():
+            t[op].append(ms)
 
     for name in stores:  # warm-up: imports, sqlite-vec loading, first DuckDB instance
         one_round(name, "warm-up", workdir / f"small-warm-{name}.db")
