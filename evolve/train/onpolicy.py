@@ -40,7 +40,6 @@ from __future__ import annotations
 import logging
 import math
 import random
-import resource
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -64,6 +63,7 @@ from evolve.train.trainer import (
     TrainConfig,
     TrainError,
     TrainResult,
+    _finish,
     _is_oom,
     _latest_valid_checkpoint,
     _load_checkpoint,
@@ -72,7 +72,6 @@ from evolve.train.trainer import (
     _prepare_model,
     _Progress,
     _save_checkpoint,
-    _save_final,
     _settings_hash,
     _use_bf16,
 )
@@ -604,33 +603,16 @@ def train_on_policy(
             e.close()
 
     # 5. save ------------------------------------------------------------------------------------------
-    adapter_dir, merged_dir = _save_final(accelerator, student, tokenizer, chat_template, cfg, out)
-    peak_dev = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
-    result = TrainResult(
-        output_dir=str(out),
-        checkpoint=str(last_ckpt) if last_ckpt else None,
-        adapter_dir=adapter_dir,
-        merged_dir=merged_dir,
-        steps=state["step"],
-        resumed_from=resumed_from,
-        trained_tokens=state["trained_tokens"],
-        tokens=state["tokens"],
-        losses=state["losses"],
-        wall_s=time.monotonic() - started,
-        tokens_per_s=run_tokens / run_s if run_s > 0 and run_tokens else 0.0,
-        peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        peak_device_mb=peak_dev,
-        processes=world,
+    return _finish(
+        accelerator, student, tokenizer, chat_template, cfg, out, state,
+        started=started, run_s=run_s, run_tokens=run_tokens, resumed_from=resumed_from,
+        last_ckpt=last_ckpt, processes=world,
         examples=[],
         trajectories=sorted(episodes),
         loss=loss_name,
         teacher=getattr(teacher or teacher_actor, "name", None),
         on_policy_stats=state["stats"],
-    )
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "result.json").write_text(result.model_dump_json(indent=1))
-    return result
+    )  # fmt: skip
 
 
 def _dummy_row(tokenizer: Any) -> _Row:

@@ -410,8 +410,30 @@ def train(
     run_s = time.monotonic() - run_started
 
     # 6. save ----------------------------------------------------------------------------------------
+    return _finish(
+        accelerator, student, tokenizer, chat_template, cfg, out, state,
+        started=started, run_s=run_s, run_tokens=run_tokens, resumed_from=resumed_from,
+        last_ckpt=last_ckpt, processes=world,
+        eval_losses=[tuple(x) for x in state["eval_losses"]],
+        examples=[e.id for e in train_ex],
+        eval_examples=[e.id for e in eval_ex],
+        trajectories=sorted({t for e in train_ex for t in e.provenance}),
+        loss=loss_name(cfg),
+        teacher=cfg.teacher if teacher is not None else None,
+    )  # fmt: skip
+
+
+def _finish(
+    accelerator: Any, student: Any, tokenizer: Any, chat_template: Any, cfg: TrainConfig, out: Path,
+    state: dict[str, Any], *, started: float, run_s: float, run_tokens: int, resumed_from: int | None,
+    last_ckpt: Path | None, processes: int, **fields: Any,
+) -> TrainResult:  # fmt: skip
+    """The end of every trainer (SFT here, on-policy in :mod:`evolve.train.onpolicy`): save the
+    adapter and the merged model, then the run's :class:`TrainResult` (``fields``: what only that
+    trainer knows) to ``out/result.json``."""
+    import torch
+
     adapter_dir, merged_dir = _save_final(accelerator, student, tokenizer, chat_template, cfg, out)
-    peak_dev = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
     result = TrainResult(
         output_dir=str(out),
         checkpoint=str(last_ckpt) if last_ckpt else None,
@@ -422,17 +444,12 @@ def train(
         trained_tokens=state["trained_tokens"],
         tokens=state["tokens"],
         losses=state["losses"],
-        eval_losses=[tuple(x) for x in state["eval_losses"]],
         wall_s=time.monotonic() - started,
         tokens_per_s=run_tokens / run_s if run_s > 0 and run_tokens else 0.0,
         peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        peak_device_mb=peak_dev,
-        processes=world,
-        examples=[e.id for e in train_ex],
-        eval_examples=[e.id for e in eval_ex],
-        trajectories=sorted({t for e in train_ex for t in e.provenance}),
-        loss=loss_name(cfg),
-        teacher=cfg.teacher if teacher is not None else None,
+        peak_device_mb=torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
+        processes=processes,
+        **fields,
     )
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
