@@ -469,7 +469,8 @@ def report(b: Bench, wall: float) -> None:
              ("sft:evolve", "teacher:no_memory"), ("opsd:no_memory", "sft:no_memory"),
              ("sft+opd:no_memory", "sft:no_memory"), ("skill_sd:no_memory", "sft:no_memory"),
              ("sft:no_memory", "before:no_memory"), ("before:evolve", "before:no_memory"),
-             ("teacher:evolve", "teacher:no_memory")]  # fmt: skip
+             ("teacher:evolve", "teacher:no_memory"), ("sft:evolve", "sft:no_memory"),
+             ("opsd:evolve", "opsd:no_memory"), ("opsd:evolve", "sft:evolve")]  # fmt: skip
     lines = []
     for a_, b_ in pairs:
         if a_ in runs and b_ in runs:
