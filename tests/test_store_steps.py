@@ -56,16 +56,9 @@ def tw_episodes(tmp_path_factory: pytest.TempPathFactory) -> list[Trajectory]:
     from evolve.agents.graph import run_episode
     from evolve.agents.policies import OraclePolicy, RandomPolicy
 
-    env = make_env(
-        "textworld",
-        n_train=1,
-        n_dev=1,
-        n_test=1,
-        quest_length=3,
-        world_size=3,
-        nb_objects=5,
-        cache_dir=str(tmp_path_factory.mktemp("tw-cache")),
-    )
+    game = {"quest_length": 3, "world_size": 3, "nb_objects": 5}
+    cache = str(tmp_path_factory.mktemp("tw-cache"))
+    env = make_env("textworld", n_train=1, n_dev=1, n_test=1, cache_dir=cache, **game)
     try:
         (task,) = env.tasks("train")
         return [
@@ -77,9 +70,9 @@ def tw_episodes(tmp_path_factory: pytest.TempPathFactory) -> list[Trajectory]:
 
 
 def edge_case_trajectory() -> Trajectory:
-    """Admissible lists the admissible column cannot hold (None, empty, an action holding its
-    separator) beside ones it can ([""]), a pre_state that is not the previous post_state, texts
-    with newlines, quotes and non-ASCII."""
+    """Edge cases a step encoding can get wrong: admissible lists None, empty, [""], with a newline
+    inside an action; a pre_state that is not the previous post_state; an empty text; texts with
+    newlines, quotes and non-ASCII."""
     t = make_traj(11, n_steps=7)
     lists: list[list[str] | None] = [
         None,
