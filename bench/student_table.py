@@ -148,21 +148,24 @@ def _run_file(b: Bench, run_id: str) -> Path:
 
 
 def save_episodes(b: Bench) -> None:
-    """Every episode of the namespace, one gzipped JSON-lines file per run id (rewritten when it grew)."""
+    """Every episode of the namespace, one gzipped JSON-lines file per run id, rewritten only when
+    its content changed (gzip's header time fixed at 0: an unchanged run is an unchanged file).
+
+    Not ``ExperienceStore.export_jsonl``: that writes one plain file for the whole namespace, so a
+    new arm would rewrite (and re-commit) every earlier one."""
     by_run: dict[str, list[Any]] = {}
     for t in b.store.trajectories(NS):
         by_run.setdefault(t.run_id or "", []).append(t)
     for run_id, trajs in by_run.items():
         f = _run_file(b, run_id)
-        if f.is_file():
-            with gzip.open(f, "rt") as fh:
-                if sum(1 for _ in fh) == len(trajs):
-                    continue
+        text = "".join(
+            t.model_dump_json() + "\n" for t in sorted(trajs, key=lambda t: (t.task_id, t.seed, t.id))
+        )
+        if f.is_file() and gzip.decompress(f.read_bytes()).decode() == text:
+            continue
         f.parent.mkdir(parents=True, exist_ok=True)
         tmp = f.with_suffix(".tmp")
-        with gzip.open(tmp, "wt") as fh:
-            for t in sorted(trajs, key=lambda t: (t.task_id, t.seed, t.id)):
-                fh.write(t.model_dump_json() + "\n")
+        tmp.write_bytes(gzip.compress(text.encode(), mtime=0))
         tmp.replace(f)
 
 
@@ -170,22 +173,32 @@ def restore_episodes(b: Bench) -> int:
     """Put the committed episodes the store lacks into it (a fresh machine); returns how many."""
     from evolve.schema import Trajectory
 
-    files = sorted((b.out / "episodes").glob("*.jsonl.gz"))
-    if not files:
-        return 0
+    kept = [
+        line
+        for f in sorted((b.out / "episodes").glob("*.jsonl.gz"))
+        for line in gzip.decompress(f.read_bytes()).decode().splitlines()
+    ]
+    if b.store.count_trajectories(NS) >= len(kept):
+        return 0  # the usual start: nothing to read back
     have = {t.id for t in b.store.trajectories(NS)}
-    missing = []
-    for f in files:
-        with gzip.open(f, "rt") as fh:
-            missing += [t for line in fh if (t := Trajectory.model_validate_json(line)).id not in have]
+    missing = [t for line in kept if (t := Trajectory.model_validate_json(line)).id not in have]
     if missing:
         b.store.add_trajectories(missing)
     return len(missing)
 
 
+def _kept_adapter(b: Bench, row: str) -> Path:
+    return b.out / "adapters" / row.replace("+", "-")
+
+
+def _train_dir(b: Bench, row: str) -> Path:
+    # opsd shares its output dir with `distill.py logprob` (same settings): trained once for both
+    return Path("bench/results/distill/train-opsd") if row == "opsd" else b.out / f"train-{row}"
+
+
 def save_adapter(b: Bench, row: str, out_dir: Path) -> None:
     """The row's LoRA adapter and result.json, a few MB, kept in git under OUT/adapters/ROW."""
-    keep = b.out / "adapters" / row.replace("+", "-")
+    keep = _kept_adapter(b, row)
     if (keep / "result.json").is_file():
         return
     keep.mkdir(parents=True, exist_ok=True)
@@ -196,7 +209,7 @@ def save_adapter(b: Bench, row: str, out_dir: Path) -> None:
 
 def restore_adapter(b: Bench, row: str, base: Path, out_dir: Path) -> Any:
     """Rebuild ``out_dir/merged`` from ``base`` + the kept adapter; None when none is kept."""
-    keep = b.out / "adapters" / row.replace("+", "-")
+    keep = _kept_adapter(b, row)
     if not (keep / "result.json").is_file():
         return None
     import torch
@@ -285,8 +298,7 @@ def train_row(b: Bench, row: str, train: list[Any], know: list[Any]) -> Any:
 
     a = b.args
     student = b.model_hf(a.student)
-    # opsd shares its output dir with `distill.py logprob` (same settings): trained once for both
-    out_dir = Path("bench/results/distill/train-opsd") if row == "opsd" else b.out / f"train-{row}"
+    out_dir = _train_dir(b, row)
     if (r := _train_result(out_dir)) is not None:
         save_adapter(b, row, out_dir)
         return r
@@ -427,33 +439,23 @@ def report(b: Bench, wall: float) -> None:
         for k, v in (json.loads(prev.read_text())["rows"] if prev.is_file() else {}).items()
         if k not in runs and (v.get("carried") or v["episodes"] >= b.args.n_test)
     }
-    results: dict[str, Any] = {"rows": {}, "compare": {}, "train": {}}
-    table = []
-    for label, m in carried.items():
-        results["rows"][label] = m
-        s = m["success"]
-        table.append(
-            [label + " *", m["episodes"], f"{100 * s['mean']:.1f} [{100 * s['lo']:.0f}, {100 * s['hi']:.0f}]",
-             f"{m['score']['mean']:.1f}", m["steps_mean"],
-             f"{m['prompt_tokens_per_step']:.0f}+{m['completion_tokens_per_step']:.0f}", m["latency_p50_s"],
-             None, None, None, None]
-        )  # fmt: skip
+    results: dict[str, Any] = {"rows": dict(carried), "compare": {}, "train": {}}
     for label, trajs in runs.items():
-        m = arm_metrics(label, trajs)
-        row = label.split(":")[0]
-        tr = _train_result(
-            Path("bench/results/distill/train-opsd") if row == "opsd" else b.out / f"train-{row}"
-        )
+        tr = _train_result(_train_dir(b, label.split(":")[0]))
         cost = (
             {"examples": len(tr.examples), "episodes": len(tr.trajectories), "tokens": tr.tokens,
              "wall_s": tr.wall_s, "peak_rss_gb": tr.peak_rss_mb / 1024, "losses": tr.losses}
             if tr is not None else None
         )  # fmt: skip
-        results["rows"][label] = m.model_dump(mode="json") | {"train": cost}
+        results["rows"][label] = arm_metrics(label, trajs).model_dump(mode="json") | {"train": cost}
+    table = []
+    for label, m in results["rows"].items():
+        s, cost = m["success"], m.get("train")
         table.append(
-            [label, m.episodes, f"{100 * m.success.mean:.1f} [{100 * m.success.lo:.0f}, {100 * m.success.hi:.0f}]",
-             f"{m.score.mean:.1f}", m.steps_mean,
-             f"{m.prompt_tokens_per_step:.0f}+{m.completion_tokens_per_step:.0f}", m.latency_p50_s,
+            [label + (" *" if m.get("carried") else ""), m["episodes"],
+             f"{100 * s['mean']:.1f} [{100 * s['lo']:.0f}, {100 * s['hi']:.0f}]", f"{m['score']['mean']:.1f}",
+             m["steps_mean"], f"{m['prompt_tokens_per_step']:.0f}+{m['completion_tokens_per_step']:.0f}",
+             m["latency_p50_s"],
              None if cost is None else (cost["examples"] or cost["episodes"]),
              None if cost is None else cost["tokens"], None if cost is None else cost["wall_s"],
              None if cost is None else cost["peak_rss_gb"]]

