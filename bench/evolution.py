@@ -49,6 +49,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import keep
 from rich.console import Console
 
 from evolve.envs import build_env
@@ -146,6 +147,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--model-path", default=None, help="local HF model dir for --policy hf")
     ap.add_argument("--game-type", default="custom", help="TextWorld: custom | cooking | treasure_hunter")
     ap.add_argument("--sw-tasks", nargs="*", default=["find-living-thing", "find-plant", "use-thermometer"])
+    ap.add_argument(
+        "--keep",
+        default=None,
+        help="a directory kept in git (bench/keep.py): episodes, knowledge and stages are restored from "
+        "it at start and saved to it before each pass, so a fresh machine resumes the run",
+    )
     ap.add_argument("--quiet", action="store_true")
     return ap.parse_args(argv)
 
@@ -297,6 +304,14 @@ def main(argv: list[str] | None = None) -> None:
     tasks = split_tasks(a, spec)
     log = (lambda *m: None) if a.quiet else (lambda *m: print(*m, flush=True))
     store = ExperienceStore(out / "store.duckdb", namespace=ns, embedder=make_embedder("hash"))
+    if a.keep and any((n := keep.restore(store, ns, a.keep)).values()):
+        log(f"  restored {n} from {a.keep}")
+
+    def announce(arm: str, n: int, _seed: int) -> None:
+        if a.keep:  # what is done so far, before the next pass runs
+            keep.save(store, ns, a.keep)
+        log(f"  {arm}: {n} episodes to run")
+
     memory = memory_for(
         store,
         ns,
@@ -317,7 +332,7 @@ def main(argv: list[str] | None = None) -> None:
         workers=a.workers,
         retry_errors=True,
         progress=not a.quiet and sys.stderr.isatty(),
-        announce=lambda arm, n, _seed: log(f"  {arm}: {n} episodes to run"),
+        announce=announce,
     )
     log(f"[{ns}] train {len(tasks['train'])} / dev {len(tasks['dev'])} / test {len(tasks['test'])} tasks")
     log("1/4 experience on train tasks")
@@ -360,6 +375,8 @@ def main(argv: list[str] | None = None) -> None:
             temperature=a.adapt_temperature,
             vary_seed=a.adapt_temperature is not None and a.adapt_temperature > 0,
         )
+    if a.keep:
+        keep.save(store, ns, a.keep)
     report(a, ns, tasks, store, results, info, curve, adapt_pts, train, out, time.perf_counter() - t0)
     store.close()
 

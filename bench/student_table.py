@@ -21,10 +21,11 @@ reuses its finished output dir, and ``--rows`` picks what to run now. ``--report
 the table and plots from the store.
 
 The store and the checkpoints are not committed, and a session may start on a fresh machine, so
-what is measured is also kept where git keeps it: every episode in ``OUT/episodes/<run>.jsonl.gz``
-and every trained row's LoRA adapter (+ its ``result.json``) in ``OUT/adapters/<row>/``. A fresh
-store is filled from the episode files before anything runs, and a missing merged checkpoint is
-rebuilt from the base and its adapter: a row measured once is never trained or played again.
+what is measured is also kept where git keeps it (``bench/keep.py``): every episode in
+``OUT/episodes/<run>.jsonl.gz``, the knowledge and stages beside them, and every trained row's
+LoRA adapter (+ its ``result.json``) in ``OUT/adapters/<row>/``. A fresh store is filled from those
+files before anything runs, and a missing merged checkpoint is rebuilt from the base and its
+adapter: a row measured once is never trained or played again.
 
     python bench/local_llm.py fetch --model qwen2.5-coder-0.5b && python bench/local_llm.py fetch --model qwen2.5-coder-1.5b
     python bench/local_llm.py hf --model qwen2.5-coder-0.5b   # (and 1.5b for sft+opd)
@@ -35,11 +36,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import gzip
 import hashlib
 import json
 import os
-import re
 import shutil
 import sys
 import time
@@ -48,6 +47,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import keep  # noqa: E402
 from rich.console import Console  # noqa: E402
 
 MODELS_DIR = Path(os.environ.get("EVOLVE_MODELS_DIR", Path.home() / ".cache" / "evolve" / "models"))
@@ -137,54 +137,15 @@ def setup(args: argparse.Namespace) -> Bench:
     )
     memory = memory_for(store, NS, "hash", env="textworld")
     b = Bench(args, out, store, spec, tasks, episodes, memory, lambda *m: print(*m, flush=True))
-    if n := restore_episodes(b):
-        b.log(f"  restored {n} episodes from {out / 'episodes'}")
+    if any((n := keep.restore(store, NS, out)).values()):
+        b.log(f"  restored {n} from {out}")
     return b
 
 
 # ------------------------------------------------------------- what survives a fresh machine
-def _run_file(b: Bench, run_id: str) -> Path:
-    return b.out / "episodes" / (re.sub(r"[^A-Za-z0-9_.+-]", "_", run_id) + ".jsonl.gz")
-
-
 def save_episodes(b: Bench) -> None:
-    """Every episode of the namespace, one gzipped JSON-lines file per run id, rewritten only when
-    its content changed (gzip's header time fixed at 0: an unchanged run is an unchanged file).
-
-    Not ``ExperienceStore.export_jsonl``: that writes one plain file for the whole namespace, so a
-    new arm would rewrite (and re-commit) every earlier one."""
-    by_run: dict[str, list[Any]] = {}
-    for t in b.store.trajectories(NS):
-        by_run.setdefault(t.run_id or "", []).append(t)
-    for run_id, trajs in by_run.items():
-        f = _run_file(b, run_id)
-        text = "".join(
-            t.model_dump_json() + "\n" for t in sorted(trajs, key=lambda t: (t.task_id, t.seed, t.id))
-        )
-        if f.is_file() and gzip.decompress(f.read_bytes()).decode() == text:
-            continue
-        f.parent.mkdir(parents=True, exist_ok=True)
-        tmp = f.with_suffix(".tmp")
-        tmp.write_bytes(gzip.compress(text.encode(), mtime=0))
-        tmp.replace(f)
-
-
-def restore_episodes(b: Bench) -> int:
-    """Put the committed episodes the store lacks into it (a fresh machine); returns how many."""
-    from evolve.schema import Trajectory
-
-    kept = [
-        line
-        for f in sorted((b.out / "episodes").glob("*.jsonl.gz"))
-        for line in gzip.decompress(f.read_bytes()).decode().splitlines()
-    ]
-    if b.store.count_trajectories(NS) >= len(kept):
-        return 0  # the usual start: nothing to read back
-    have = {t.id for t in b.store.trajectories(NS)}
-    missing = [t for line in kept if (t := Trajectory.model_validate_json(line)).id not in have]
-    if missing:
-        b.store.add_trajectories(missing)
-    return len(missing)
+    """Episodes, knowledge and stages of the table kept in git (``bench/keep.py``)."""
+    keep.save(b.store, NS, b.out)
 
 
 def _kept_adapter(b: Bench, row: str) -> Path:
@@ -198,19 +159,19 @@ def _train_dir(b: Bench, row: str) -> Path:
 
 def save_adapter(b: Bench, row: str, out_dir: Path) -> None:
     """The row's LoRA adapter and result.json, a few MB, kept in git under OUT/adapters/ROW."""
-    keep = _kept_adapter(b, row)
-    if (keep / "result.json").is_file():
+    kept = _kept_adapter(b, row)
+    if (kept / "result.json").is_file():
         return
-    keep.mkdir(parents=True, exist_ok=True)
+    kept.mkdir(parents=True, exist_ok=True)
     for name in ("adapter_model.safetensors", "adapter_config.json"):
-        shutil.copy2(out_dir / "adapter" / name, keep / name)
-    shutil.copy2(out_dir / "result.json", keep / "result.json")
+        shutil.copy2(out_dir / "adapter" / name, kept / name)
+    shutil.copy2(out_dir / "result.json", kept / "result.json")
 
 
 def restore_adapter(b: Bench, row: str, base: Path, out_dir: Path) -> Any:
     """Rebuild ``out_dir/merged`` from ``base`` + the kept adapter; None when none is kept."""
-    keep = _kept_adapter(b, row)
-    if not (keep / "result.json").is_file():
+    kept = _kept_adapter(b, row)
+    if not (kept / "result.json").is_file():
         return None
     import torch
     from peft import PeftModel
@@ -218,12 +179,12 @@ def restore_adapter(b: Bench, row: str, base: Path, out_dir: Path) -> Any:
 
     from evolve.train.trainer import TrainResult
 
-    b.log(f"  {row}: rebuilding {out_dir / 'merged'} from {base} + {keep}")
+    b.log(f"  {row}: rebuilding {out_dir / 'merged'} from {base} + {kept}")
     model = AutoModelForCausalLM.from_pretrained(str(base), torch_dtype=torch.float32)
-    merged = PeftModel.from_pretrained(model, str(keep)).merge_and_unload()
+    merged = PeftModel.from_pretrained(model, str(kept)).merge_and_unload()
     merged.save_pretrained(str(out_dir / "merged"))
     AutoTokenizer.from_pretrained(str(base)).save_pretrained(str(out_dir / "merged"))
-    r = TrainResult.model_validate_json((keep / "result.json").read_text())
+    r = TrainResult.model_validate_json((kept / "result.json").read_text())
     r = r.model_copy(update={"output_dir": str(out_dir), "merged_dir": str(out_dir / "merged")})
     (out_dir / "result.json").write_text(r.model_dump_json(indent=1))
     return r
@@ -472,7 +433,10 @@ def report(b: Bench, wall: float) -> None:
              ("sft+opd:no_memory", "sft:no_memory"), ("skill_sd:no_memory", "sft:no_memory"),
              ("sft:no_memory", "before:no_memory"), ("before:evolve", "before:no_memory"),
              ("teacher:evolve", "teacher:no_memory"), ("sft:evolve", "sft:no_memory"),
-             ("opsd:evolve", "opsd:no_memory"), ("opsd:evolve", "sft:evolve")]  # fmt: skip
+             ("opsd:evolve", "opsd:no_memory"), ("opsd:evolve", "sft:evolve"),
+             ("sft+opd:evolve", "sft+opd:no_memory"), ("sft+opd:evolve", "sft:evolve"),
+             ("skill_sd:evolve", "skill_sd:no_memory"), ("skill_sd:evolve", "sft:evolve"),
+             ("skill_sd:no_memory", "opsd:no_memory")]  # fmt: skip
     lines = []
     for a_, b_ in pairs:
         if a_ in runs and b_ in runs:

@@ -1,0 +1,155 @@
+"""Keep a long benchmark's measurements where git keeps them, so a fresh machine resumes it.
+
+A benchmark's store (``OUT/store.duckdb``) is not committed, and a session may start on a fresh
+machine. What a rerun needs to skip the work already done is small: every episode of the
+namespace, the knowledge distilled from them (with its probation status and usage stats), and the
+stages marked done. :func:`save` writes them under a directory:
+
+* ``episodes/<run id>.jsonl.gz``: one gzipped JSON-lines file per run id (an arm, a probation
+  pass, an ADAPT trial), episodes sorted, gzip's header time fixed at 0, rewritten only when its
+  content changed: an unchanged run is an unchanged file in git;
+* ``skills.jsonl.gz`` / ``guardrails.jsonl.gz``: the namespace's knowledge;
+* ``stages.json``: the stages of the namespace's runs and of its usage write-back, with their data.
+
+:func:`restore` puts whatever the store lacks back (a store that already holds as many episodes
+as were kept is not read at all). Not ``ExperienceStore.export_jsonl``: that writes one file for
+the whole namespace, so a new arm would rewrite (and re-commit) every earlier one.
+
+Save by hand after stopping a run (the benchmarks also save after each stage)::
+
+    python bench/keep.py save runs/evolution-llm-sw18/store.duckdb NAMESPACE bench/results/sw18
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+from evolve.schema import Guardrail, Skill, Trajectory
+from evolve.stores import ExperienceStore
+
+_KNOWLEDGE: dict[str, type[Skill] | type[Guardrail]] = {"skills": Skill, "guardrails": Guardrail}
+
+
+def _stage_runs(namespace: str) -> tuple[str, ...]:
+    """The run ids whose stages a benchmark keeps: its own, and the usage write-back's
+    (``evolve.eval.record_usage``: which episodes were counted, so none is counted twice)."""
+    return (namespace, f"usage:{namespace}")
+
+
+def run_file(keep: Path, run_id: str) -> Path:
+    """The file that keeps the episodes of ``run_id``."""
+    return keep / "episodes" / (re.sub(r"[^A-Za-z0-9_.+-]", "_", run_id) + ".jsonl.gz")
+
+
+def _write_if_changed(path: Path, text: str) -> bool:
+    if path.is_file() and gzip.decompress(path.read_bytes()).decode() == text:
+        return False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(gzip.compress(text.encode(), mtime=0))
+    tmp.replace(path)
+    return True
+
+
+def _lines(items: list[Any]) -> str:
+    return "".join(it.model_dump_json() + "\n" for it in items)
+
+
+def _read_lines(path: Path) -> list[str]:
+    return gzip.decompress(path.read_bytes()).decode().splitlines() if path.is_file() else []
+
+
+def save(store: ExperienceStore, namespace: str, keep: str | Path) -> int:
+    """Write the namespace's episodes, knowledge and stages under ``keep``; returns how many
+    files changed."""
+    keep = Path(keep)
+    by_run: dict[str, list[Trajectory]] = {}
+    for t in store.trajectories(namespace):
+        by_run.setdefault(t.run_id or "", []).append(t)
+    changed = 0
+    for run_id, trajs in by_run.items():
+        trajs.sort(key=lambda t: (t.task_id, t.seed, t.id))
+        changed += _write_if_changed(run_file(keep, run_id), _lines(trajs))
+    skills = sorted(store.skills(namespace), key=lambda k: k.id)
+    guards = sorted(store.guardrails(namespace), key=lambda k: k.id)
+    for name, items in (("skills", skills), ("guardrails", guards)):
+        if items:
+            changed += _write_if_changed(keep / f"{name}.jsonl.gz", _lines(items))
+    stages = {
+        run: {
+            name: {"status": st["status"], "data": st["data"]}
+            for name, st in sorted(store.stages(run).items())
+        }
+        for run in _stage_runs(namespace)
+    }
+    if any(stages.values()):
+        text = json.dumps(stages, indent=1, sort_keys=True, default=str) + "\n"
+        f = keep / "stages.json"
+        if not f.is_file() or f.read_text() != text:
+            f.parent.mkdir(parents=True, exist_ok=True)
+            f.write_text(text)
+            changed += 1
+    return changed
+
+
+def restore(store: ExperienceStore, namespace: str, keep: str | Path) -> dict[str, int]:
+    """Put what is kept under ``keep`` and missing from the store back; returns the counts put back
+    (episodes, skills, guardrails, stages)."""
+    keep = Path(keep)
+    out = {"episodes": 0, "skills": 0, "guardrails": 0, "stages": 0}
+    kept = [line for f in sorted((keep / "episodes").glob("*.jsonl.gz")) for line in _read_lines(f)]
+    if kept and store.count_trajectories(namespace) < len(kept):
+        have = {t.id for t in store.trajectories(namespace)}
+        missing = [t for line in kept if (t := Trajectory.model_validate_json(line)).id not in have]
+        if missing:
+            store.add_trajectories(missing)
+        out["episodes"] = len(missing)
+    for name, model in _KNOWLEDGE.items():
+        lines = _read_lines(keep / f"{name}.jsonl.gz")
+        have_ids = {k.id for k in getattr(store, name)(namespace)}
+        items = [k for line in lines if (k := model.model_validate_json(line)).id not in have_ids]
+        if items:
+            (store.upsert_skills if name == "skills" else store.upsert_guardrails)(items)  # type: ignore[arg-type]
+        out[name] = len(items)
+    f = keep / "stages.json"
+    if f.is_file():
+        for run, stages in json.loads(f.read_text()).items():
+            have = store.stages(run)
+            for name, st in stages.items():
+                if name not in have:
+                    store.set_stage(run, name, st["status"], st["data"])
+                    out["stages"] += 1
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("action", choices=["save", "restore"])
+    ap.add_argument("store", help="the benchmark's store.duckdb")
+    ap.add_argument("namespace")
+    ap.add_argument("keep", help="the directory kept in git")
+    a = ap.parse_args(argv)
+    if a.action == "save" and not Path(a.store).is_file():
+        sys.exit(f"no store at {a.store}: give the benchmark's OUT/store.duckdb")
+    store = ExperienceStore(a.store, namespace=a.namespace, embedder="hash")
+    try:
+        if a.action == "save":
+            if a.namespace not in store.list_namespaces():
+                sys.exit(
+                    f"no namespace '{a.namespace}' in {a.store}; it has: {', '.join(store.list_namespaces())}"
+                )
+            print(f"{save(store, a.namespace, a.keep)} files changed under {a.keep}")
+        else:
+            print(f"restored {restore(store, a.namespace, a.keep)} into {a.store}")
+    finally:
+        store.close()
+
+
+if __name__ == "__main__":
+    main()
