@@ -33,8 +33,6 @@ from typing import Any
 from evolve.schema import Guardrail, Skill, Trajectory
 from evolve.stores import ExperienceStore
 
-_KNOWLEDGE: dict[str, type[Skill] | type[Guardrail]] = {"skills": Skill, "guardrails": Guardrail}
-
 
 def _stage_runs(namespace: str) -> tuple[str, ...]:
     """The run ids whose stages a benchmark keeps: its own, and the usage write-back's
@@ -47,12 +45,22 @@ def run_file(keep: Path, run_id: str) -> Path:
     return keep / "episodes" / (re.sub(r"[^A-Za-z0-9_.+-]", "_", run_id) + ".jsonl.gz")
 
 
+def _knowledge(store: ExperienceStore) -> tuple[tuple[str, Any, Any, Any], ...]:
+    """(file stem, model, reader, writer) of each kind of knowledge."""
+    return (
+        ("skills", Skill, store.skills, store.upsert_skills),
+        ("guardrails", Guardrail, store.guardrails, store.upsert_guardrails),
+    )
+
+
 def _write_if_changed(path: Path, text: str) -> bool:
-    if path.is_file() and gzip.decompress(path.read_bytes()).decode() == text:
+    """Write ``text`` (gzipped for ``.gz``) unless the file already holds it; True if written."""
+    gz = path.suffix == ".gz"
+    if path.is_file() and (gzip.decompress(path.read_bytes()).decode() if gz else path.read_text()) == text:
         return False
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(gzip.compress(text.encode(), mtime=0))
+    tmp.write_bytes(gzip.compress(text.encode(), mtime=0) if gz else text.encode())
     tmp.replace(path)
     return True
 
@@ -76,10 +84,8 @@ def save(store: ExperienceStore, namespace: str, keep: str | Path) -> int:
     for run_id, trajs in by_run.items():
         trajs.sort(key=lambda t: (t.task_id, t.seed, t.id))
         changed += _write_if_changed(run_file(keep, run_id), _lines(trajs))
-    skills = sorted(store.skills(namespace), key=lambda k: k.id)
-    guards = sorted(store.guardrails(namespace), key=lambda k: k.id)
-    for name, items in (("skills", skills), ("guardrails", guards)):
-        if items:
+    for name, _, read, _ in _knowledge(store):
+        if items := sorted(read(namespace), key=lambda k: k.id):
             changed += _write_if_changed(keep / f"{name}.jsonl.gz", _lines(items))
     stages = {
         run: {
@@ -90,11 +96,7 @@ def save(store: ExperienceStore, namespace: str, keep: str | Path) -> int:
     }
     if any(stages.values()):
         text = json.dumps(stages, indent=1, sort_keys=True, default=str) + "\n"
-        f = keep / "stages.json"
-        if not f.is_file() or f.read_text() != text:
-            f.parent.mkdir(parents=True, exist_ok=True)
-            f.write_text(text)
-            changed += 1
+        changed += _write_if_changed(keep / "stages.json", text)
     return changed
 
 
@@ -110,12 +112,13 @@ def restore(store: ExperienceStore, namespace: str, keep: str | Path) -> dict[st
         if missing:
             store.add_trajectories(missing)
         out["episodes"] = len(missing)
-    for name, model in _KNOWLEDGE.items():
-        lines = _read_lines(keep / f"{name}.jsonl.gz")
-        have_ids = {k.id for k in getattr(store, name)(namespace)}
+    for name, model, read, write in _knowledge(store):
+        if not (lines := _read_lines(keep / f"{name}.jsonl.gz")):
+            continue
+        have_ids = {k.id for k in read(namespace)}
         items = [k for line in lines if (k := model.model_validate_json(line)).id not in have_ids]
         if items:
-            (store.upsert_skills if name == "skills" else store.upsert_guardrails)(items)  # type: ignore[arg-type]
+            write(items)
         out[name] = len(items)
     f = keep / "stages.json"
     if f.is_file():

@@ -143,11 +143,6 @@ def setup(args: argparse.Namespace) -> Bench:
 
 
 # ------------------------------------------------------------- what survives a fresh machine
-def save_episodes(b: Bench) -> None:
-    """Episodes, knowledge and stages of the table kept in git (``bench/keep.py``)."""
-    keep.save(b.store, NS, b.out)
-
-
 def _kept_adapter(b: Bench, row: str) -> Path:
     return b.out / "adapters" / row.replace("+", "-")
 
@@ -330,7 +325,7 @@ def play(
             f"{row}:{arm}", b.tasks["test"], hooks=hooks, policy=openai_spec(alias, base_url)
         )
         b.log(f"  {row}:{arm}: {sum(t.success for t in trajs)}/{len(trajs)} won")
-        save_episodes(b)
+        keep.save(b.store, NS, b.out)
 
 
 def table_main(args: argparse.Namespace) -> None:
@@ -353,7 +348,7 @@ def table_main(args: argparse.Namespace) -> None:
             teacher_url = url
             teacher = teacher_train(b, teacher_url)
             know = knowledge(b, oracle + teacher)
-            save_episodes(b)
+            keep.save(b.store, NS, b.out)
             b.log(
                 f"  knowledge: {len(know)} active; teacher won {sum(t.success for t in teacher)}/{len(teacher)} train games"
             )
@@ -365,7 +360,7 @@ def table_main(args: argparse.Namespace) -> None:
             from evolve.specs import PolicySpec
 
             b.episodes.run("oracle:no_memory", b.tasks["test"], policy=PolicySpec(kind="oracle"))
-            save_episodes(b)
+            keep.save(b.store, NS, b.out)
         for row in [r for r in rows if r in MODEL_ROWS and r != "teacher"]:
             b.log(f"row {row}")
             result = None if row == "before" else train_row(b, row, train, know)
