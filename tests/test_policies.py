@@ -16,6 +16,7 @@ from evolve.errors import ConfigError, PolicyError
 from evolve.llm.prompts import (
     PromptOptions,
     action_schema,
+    action_verb,
     build_messages,
     match_action,
     parse_answer,
@@ -185,6 +186,48 @@ def test_long_action_lists_are_ranked_and_capped() -> None:
     assert parse_answer('{"thought": "", "command": "open drawer 399"}', many).command == "open drawer 399"
     assert "enum" not in action_schema(many)["properties"]["command"]
     assert action_schema(ACTIONS)["properties"]["command"]["enum"] == ACTIONS
+
+
+def test_long_lists_show_every_kind_of_command_and_what_the_skills_name() -> None:
+    """ScienceWorld-shaped: hundreds of object pairs under one verb must not crowd out where to
+    go and what else can be done (the ranking by overlap alone showed 30 ``move`` pairs)."""
+    things = [
+        "apple",
+        "banana",
+        "bowl",
+        "chair",
+        "cup containing nothing in table",
+        "red box",
+        "soap",
+        "sink",
+    ]
+    rooms = ["kitchen", "hallway", "outside", "greenhouse", "bathroom"]
+    many = [f"move {a} to {b}" for a in things for b in things + rooms if a != b]
+    many += [f"pour {a} into {b}" for a in things for b in things if a != b]
+    many += [f"focus on {a}" for a in things] + [f"pick up {a}" for a in things]
+    many += [f"teleport to {r}" for r in rooms] + ["look around", "inventory", "reset task", "task"]
+    goal = "Your task is to find a(n) living thing. First, focus on the thing. Then, move it to the red box."
+    skills = "Skills that worked before in similar states:\n- go outside: x. When: none. Steps: teleport to outside -> focus on dove"
+    shown = select_actions(many, goal, "This room is called the kitchen.", skills, cap=30)
+    assert len(shown) == 30 and len(set(shown)) == 30 and set(shown) <= set(many)
+    assert shown[0] == "teleport to outside"  # the command the skills spell out comes first
+    verbs = {action_verb(a) for a in many}
+    assert verbs == {action_verb(a) for a in shown}  # every kind of command is there
+    assert sum(a.startswith("move ") for a in shown) < 10  # 104 pairs of one verb do not fill it
+    assert "move apple to red box" in shown and "move soap to sink" not in shown  # goal words rank up
+    assert shown.index("look around") < shown.index("task")  # "task" in the goal is phrasing, not a hint
+    # Deterministic, and the skills context matters: without it the skill's command loses its place.
+    assert select_actions(many, goal, "This room is called the kitchen.", skills, cap=30) == shown
+    assert (
+        select_actions(many, goal, "This room is called the kitchen.", "", cap=30)[0] != "teleport to outside"
+    )
+    # Actions just taken rank down; more verbs than slots: the most relevant verbs win.
+    before = select_actions(many, goal, "", skills, cap=30)
+    again = select_actions(many, goal, "", skills, cap=30, recent=["focus on red box"])
+    assert again.index("focus on red box") > before.index("focus on red box")
+    assert len(select_actions(many, goal, "", "", cap=3)) == 3
+    assert action_verb("go to kitchen") == "go to" and action_verb("move a to b") == "move"
+    assert action_verb("Pick up key") == "pick up" and action_verb("") == ""
 
 
 @pytest.mark.parametrize(

@@ -31,7 +31,9 @@ ranking of a long admissible list reads the skills from that block, not from liv
 from __future__ import annotations
 
 import difflib
+import heapq
 import json
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -91,36 +93,90 @@ def words(text: str) -> set[str]:
     return set(tokenize(text))
 
 
+_PARTICLES = frozenset({"to", "on", "up", "at", "around", "down", "in", "into", "off", "out"})
+_NAMED_SPLIT = re.compile(r"->|\n|[:;]\s|\.\s|\.$")
+_GOAL_BOILERPLATE = frozenset({"task", "first", "then", "when", "done", "find", "determine"})
+"""Words of how goals are phrased ("Your task is to ..."), not of what they ask: an action named
+``task`` or ``reset task`` is not relevant because the goal says "task"."""
+_SAME_VERB_COST = 0.25
+"""Per action of a verb already shown, the next one of that verb costs this many goal words times
+log2(1 + the verb's number of actions): a verb of object pairs (hundreds) fills up fast, one of
+single places or objects (ten or so: where to go) slowly."""
+
+
+def action_verb(action: str) -> str:
+    """A command's verb: its first word, with the particle after it (``go to``, ``pick up``)."""
+    w = action.lower().split()
+    if not w:
+        return ""
+    return f"{w[0]} {w[1]}" if len(w) > 1 and w[1] in _PARTICLES else w[0]
+
+
 def select_actions(
     actions: Sequence[str],
-    *contexts: str,
+    goal: str = "",
+    observation: str = "",
+    skills: str = "",
+    *,
     cap: int = 60,
     recent: Sequence[str] = (),
 ) -> list[str]:
-    """At most ``cap`` admissible actions, those sharing words with the contexts first.
+    """At most ``cap`` admissible actions: every kind of command, the relevant ones first.
 
     A short list comes back unchanged (its order may carry meaning). A long one (ScienceWorld's
-    ~400) is ranked by word overlap with the goal / observation / skills, ties broken by the
-    original order; actions just taken are ranked down slightly to discourage loops.
+    100-1,000+, most of them ``move X to Y`` pairs) is cut in two passes:
+
+    1. *coverage*: the best action of every verb (``go to``, ``teleport to``, ``focus on``,
+       ``pick up``, ``look around``, ...), so the model always sees how to move and what it can
+       do, however many pairs one verb spans;
+    2. *relevance*: the rest by relevance, each action already shown of the same verb costing
+       the next one ``_SAME_VERB_COST`` goal words, so one verb cannot fill the list.
+
+    Relevance: words shared with the goal and with the skills section (1 each), a command the
+    skills spell out (+3), words of the observation (0.1, a tie-break), over ``1 + 0.1 x`` the
+    action's length; actions just taken lose 0.5 (discourages loops); ties keep the list's order.
+    The result is ordered by relevance. (Ranking by overlap with goal + observation alone filled
+    ScienceWorld prompts with 30 ``move ... to cup containing nothing in table``: the
+    observation names every object, and pairs name two.)
     """
     unique = list(dict.fromkeys(actions))
     if len(unique) <= cap:
         return unique
-    ctx: set[str] = set()
-    for c in contexts:
-        ctx |= words(c)
-    recent_set = {r.strip().lower() for r in recent}
+    goal_w, skill_w, obs_w = words(goal) - _GOAL_BOILERPLATE, words(skills), words(observation)
+    named = {normalise_command(f) for f in _NAMED_SPLIT.split(skills.lower()) if f.strip()}
+    recent_set = {normalise_command(r) for r in recent}
 
-    def score(item: tuple[int, str]) -> tuple[float, int]:
-        i, a = item
+    groups: dict[str, list[tuple[float, int, str]]] = {}
+    for i, a in enumerate(unique):
         aw = words(a)
-        overlap = len(aw & ctx) / (1 + 0.1 * len(aw))
-        if a.strip().lower() in recent_set:
-            overlap -= 0.5
-        return (-overlap, i)
+        rel = len(aw & goal_w) + len(aw & skill_w) + 0.1 * len(aw & obs_w)
+        norm = normalise_command(a)
+        if norm in named:
+            rel += 3.0
+        rel /= 1 + 0.1 * len(aw)
+        if norm in recent_set:
+            rel -= 0.5
+        groups.setdefault(action_verb(a), []).append((rel, i, a))
+    for g in groups.values():
+        g.sort(key=lambda x: (-x[0], x[1]))
 
-    ranked = sorted(enumerate(unique), key=score)
-    return [a for _, a in ranked[:cap]]
+    # 1. coverage: each verb's best, the verbs by that action's relevance
+    heads = sorted((g[0] for g in groups.values()), key=lambda x: (-x[0], x[1]))[:cap]
+    chosen = list(heads)
+    taken = {action_verb(a): 1 for _, _, a in heads}
+    # 2. relevance with a cost per action of the same verb already shown (a lazy greedy heap)
+    cost = {v: _SAME_VERB_COST * math.log2(1 + len(g)) for v, g in groups.items()}
+    heap = [(-(g[1][0] - cost[v]), g[1][1], v, 1) for v, g in groups.items() if len(g) > 1 and v in taken]
+    heapq.heapify(heap)
+    while heap and len(chosen) < cap:
+        _, _, v, j = heapq.heappop(heap)
+        chosen.append(groups[v][j])
+        taken[v] += 1
+        if j + 1 < len(groups[v]):
+            nxt = groups[v][j + 1]
+            heapq.heappush(heap, (-(nxt[0] - cost[v] * taken[v]), nxt[1], v, j + 1))
+    chosen.sort(key=lambda x: (-x[0], x[1]))
+    return [a for _, _, a in chosen]
 
 
 def skills_text(memory_prompt: str) -> str:
