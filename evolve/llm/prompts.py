@@ -130,7 +130,8 @@ def select_actions(
        ``pick up``, ``look around``, ...), so the model always sees how to move and what it can
        do, however many pairs one verb spans;
     2. *relevance*: the rest by relevance, each action already shown of the same verb costing
-       the next one ``_SAME_VERB_COST`` goal words, so one verb cannot fill the list.
+       the next one ``_SAME_VERB_COST * log2(1 + that verb's count)`` goal words, so one verb
+       cannot fill the list and a verb of a few places fills up slower than one of many pairs.
 
     Relevance: words shared with the goal and with the skills section (1 each), a command the
     skills spell out (+3), words of the observation (0.1, a tie-break), over ``1 + 0.1 x`` the
