@@ -162,12 +162,12 @@ def select_actions(
         g.sort(key=lambda x: (-x[0], x[1]))
 
     # 1. coverage: each verb's best, the verbs by that action's relevance
-    heads = sorted((g[0] for g in groups.values()), key=lambda x: (-x[0], x[1]))[:cap]
-    chosen = list(heads)
-    taken = {action_verb(a): 1 for _, _, a in heads}
+    verbs = sorted(groups, key=lambda v: (-groups[v][0][0], groups[v][0][1]))[:cap]
+    chosen = [groups[v][0] for v in verbs]
+    taken = dict.fromkeys(verbs, 1)
     # 2. relevance with a cost per action of the same verb already shown (a lazy greedy heap)
-    cost = {v: _SAME_VERB_COST * math.log2(1 + len(g)) for v, g in groups.items()}
-    heap = [(-(g[1][0] - cost[v]), g[1][1], v, 1) for v, g in groups.items() if len(g) > 1 and v in taken]
+    cost = {v: _SAME_VERB_COST * math.log2(1 + len(groups[v])) for v in verbs}
+    heap = [(-(groups[v][1][0] - cost[v]), groups[v][1][1], v, 1) for v in verbs if len(groups[v]) > 1]
     heapq.heapify(heap)
     while heap and len(chosen) < cap:
         _, _, v, j = heapq.heappop(heap)
