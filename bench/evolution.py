@@ -69,7 +69,7 @@ from evolve.eval import (
     write_report,
 )
 from evolve.pipeline import memory_for
-from evolve.schema import Guardrail, Knowledge, KnowledgeStatus, Skill, Task, Trajectory
+from evolve.schema import Guardrail, Knowledge, KnowledgeStats, KnowledgeStatus, Skill, Task, Trajectory
 from evolve.skills import MemoryConfig, distill_knowledge, knowledge_of, run_probation
 from evolve.specs import EnvSpec, PolicySpec
 from evolve.stores import ExperienceStore, make_embedder
@@ -152,6 +152,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="a directory kept in git (bench/keep.py): episodes, knowledge and stages are restored from "
         "it at start and saved to it before each pass, so a fresh machine resumes the run",
+    )
+    ap.add_argument(
+        "--redo-knowledge",
+        default=None,
+        metavar="TAG",
+        help="after a change to the memory code: rerun what uses the knowledge (probation, the evolve "
+        "arms, ADAPT) from the same distilled candidates, keeping the episodes that do not use it "
+        "(train, no_memory, the raw arms); done once per TAG, so the same command resumes",
     )
     ap.add_argument("--quiet", action="store_true")
     return ap.parse_args(argv)
@@ -257,6 +265,43 @@ def _probation_label(arm: str, knowledge: Any) -> str:
     return f"probation:{arm}:{len(knowledge)}-{digest}"
 
 
+# Run ids whose episodes depend on the memory code (they act with the distilled knowledge): these
+# arms, and every run id with these prefixes.
+KNOWLEDGE_ARMS = ("eval:evolve", "eval:evolve_context")
+KNOWLEDGE_PREFIXES = ("probation:", "adapt:", "curve:")
+
+
+def redo_knowledge(store: ExperienceStore, ns: str, tag: str, keep_dir: str | None) -> dict[str, int]:
+    """Forget what the knowledge did, once per ``tag``: the episodes of :data:`KNOWLEDGE_ARMS` and :data:`KNOWLEDGE_PREFIXES`
+    (also in ``keep_dir``), probation's verdicts (every item back to a candidate with no usage
+    stats: what distillation wrote, as its ids come from its content) and the usage write-back.
+    The episodes that never saw knowledge stay, so only the runs that depend on it rerun."""
+    stage = f"redo:{tag}"
+    if store.stages(ns).get(stage, {}).get("status") == "done":
+        return {}
+    runs: dict[str, int] = {}
+    for t in store.trajectories(ns):
+        run = t.run_id or ""
+        if run in KNOWLEDGE_ARMS or run.startswith(KNOWLEDGE_PREFIXES):
+            store.delete_trajectory(t.id, ns)
+            runs[run] = runs.get(run, 0) + 1
+    if keep_dir:
+        for run in runs:
+            keep.run_file(Path(keep_dir), run).unlink(missing_ok=True)
+    skills = [s.model_copy(update={"status": KnowledgeStatus.candidate, "stats": KnowledgeStats()})
+              for s in store.skills(ns)]  # fmt: skip
+    guards = [g.model_copy(update={"status": KnowledgeStatus.candidate, "stats": KnowledgeStats()})
+              for g in store.guardrails(ns)]  # fmt: skip
+    store.upsert_skills(skills)
+    store.upsert_guardrails(guards)
+    store.set_stage(ns, "probation", "redo", {"tag": tag})
+    store.reset_stages(f"usage:{ns}")
+    store.set_stage(
+        ns, stage, "done", {"episodes_dropped": runs, "knowledge_reset": len(skills) + len(guards)}
+    )
+    return {"episodes": sum(runs.values()), "knowledge": len(skills) + len(guards)}
+
+
 def knowledge(
     args: argparse.Namespace,
     store: ExperienceStore,
@@ -306,6 +351,11 @@ def main(argv: list[str] | None = None) -> None:
     store = ExperienceStore(out / "store.duckdb", namespace=ns, embedder=make_embedder("hash"))
     if a.keep and any((n := keep.restore(store, ns, a.keep)).values()):
         log(f"  restored {n} from {a.keep}")
+    if a.redo_knowledge and (n := redo_knowledge(store, ns, a.redo_knowledge, a.keep)):
+        log(f"  --redo-knowledge {a.redo_knowledge}: dropped {n['episodes']} episodes that used knowledge, "
+            f"{n['knowledge']} items back to candidates")  # fmt: skip
+        if a.keep:
+            keep.save(store, ns, a.keep)
 
     def announce(arm: str, n: int, _seed: int) -> None:
         if a.keep:  # what is done so far, before the next pass runs

@@ -6,6 +6,7 @@ trial) must carry memory forward: trial k runs with knowledge from that task's e
 
 from __future__ import annotations
 
+import gzip
 import json
 import sys
 from pathlib import Path
@@ -112,3 +113,44 @@ def test_arms_curve_and_usage_write_back(tmp_path: Path) -> None:
     evolution.main(argv)  # a rerun resumes and counts nothing twice
     with ExperienceStore(out / "store.duckdb", namespace=res["namespace"], embedder="hash") as store:
         assert uses(store) == before
+
+
+def test_redo_knowledge_reruns_only_what_used_the_knowledge(tmp_path: Path) -> None:
+    """After a change to the memory code, ``--redo-knowledge TAG`` reruns probation and the evolve
+    arm from the same candidates, keeps the no-memory and raw episodes, and is done once per tag."""
+    out, kept = tmp_path / "redo", tmp_path / "kept"
+    argv = _args(out, "--arms", "no_memory,raw_retrieval,evolve", "--keep", str(kept))
+    argv.remove("--no-probation")
+    evolution.main(argv)
+    ns = json.loads((out / "results.json").read_text())["namespace"]
+
+    def ids(store: ExperienceStore) -> dict[str, set[str]]:
+        by: dict[str, set[str]] = {}
+        for t in store.trajectories(ns):
+            by.setdefault(t.run_id or "", set()).add(t.id)
+        return by
+
+    with ExperienceStore(out / "store.duckdb", namespace=ns, embedder="hash") as store:
+        first = ids(store)
+        n_items = len(store.skills(ns)) + len(store.guardrails(ns))
+    assert any(r.startswith("probation:") for r in first) and "eval:evolve" in first
+
+    evolution.main([*argv, "--redo-knowledge", "t1"])
+    with ExperienceStore(out / "store.duckdb", namespace=ns, embedder="hash") as store:
+        second = ids(store)
+        assert store.stages(ns)["redo:t1"]["status"] == "done"
+        assert store.stages(ns)["probation"]["status"] == "done"  # probation ran again
+        assert len(store.skills(ns)) + len(store.guardrails(ns)) == n_items  # the same candidates
+    assert set(second) == set(first)
+    for run in ("train:own", "train:oracle", "eval:no_memory", "eval:raw_retrieval"):
+        if run in first:
+            assert second[run] == first[run], run  # kept, not rerun
+    for run in [r for r in first if r == "eval:evolve" or r.startswith("probation:")]:
+        assert second[run].isdisjoint(first[run]), run  # rerun: new episodes
+    # The kept directory matches the store again: the dropped episodes were replaced there.
+    kept_evolve = (kept / "episodes" / "eval_evolve.jsonl.gz").read_bytes()
+    assert {json.loads(x)["id"] for x in gzip.decompress(kept_evolve).splitlines()} == second["eval:evolve"]
+
+    evolution.main([*argv, "--redo-knowledge", "t1"])  # the same tag again: a resume, nothing dropped
+    with ExperienceStore(out / "store.duckdb", namespace=ns, embedder="hash") as store:
+        assert ids(store) == second

@@ -731,3 +731,28 @@ def test_knowledge_ids_come_from_content_so_runs_repeat() -> None:
     assert all(i.startswith(("skill-", "guard-")) for i in ids)
     other_ns = [k.id for k in distill_skills(ok, namespace="other")]
     assert not set(other_ns) & set(ids)
+
+
+def test_a_goal_naming_a_more_specific_thing_does_not_ground_the_plainer_action() -> None:
+    """Issue 18's evolve arm: a 'focus on {obj1}' skill fired 'focus on paint in cup containing
+    yellow paint' for "focus on the violet paint" (the word 'paint' matched) and lost the episode."""
+    from evolve.skills.retrieval import grounding
+    from evolve.text import content_stems
+
+    def g(action: str, sentence: str) -> float:
+        return grounding(action, set(content_stems(sentence)), {}, sentence_text=sentence)
+
+    violet = "When you are done, focus on the violet paint."
+    assert g("focus on paint in cup containing yellow paint", violet) == 0.0
+    assert g("focus on violet paint", violet) == 1.0
+    # The object the sentence names, with all its words, still grounds.
+    assert g("focus on sodium chloride", "First, focus on the sodium chloride.") == 1.0
+    assert g("focus on thing", "First, focus on the thing.") == 1.0
+    # The other box of a two-box choice no longer shares the credit of 'box'.
+    green = "If the sodium chloride is electrically conductive, place it in the green box."
+    assert g("move sodium chloride to green box", green) > g("move sodium chloride to red box", green) > 0
+    # An action naming more than the goal does is fine; a mention without a determiner says
+    # nothing about modifiers ("create violet paint" grounds "mix violet paint" as before).
+    assert g("unlock wooden door with rusty key", "Unlock the wooden door with the key.") > 0.8
+    assert g("take potato", "Your task is to take the red potato from the fridge.") == 0.0
+    assert g("mix violet paint", "Your task is to use chemistry to create violet paint.") > 0

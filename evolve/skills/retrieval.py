@@ -105,9 +105,38 @@ def action_phrases(action: str) -> tuple[str, list[list[str]]]:
     return stem(ws[0]), [p for p in phrases if p]
 
 
+# Words that open a noun phrase in a goal sentence; "a(n)" (ScienceWorld's goals) reads "a", "n".
+_DETERMINERS = frozenset(["the", "a", "an", "n"])
+
+
+def _more_specific(stems_: list[str], sentence_words: str) -> bool:
+    """Does every mention of the phrase's head noun in the sentence carry a word the phrase lacks,
+    between a determiner and the head ("focus on the violet paint" vs ``paint``, "the yellow box" vs
+    ``green box``)? A mention without a determiner right before its words ("create violet paint")
+    says nothing about modifiers and counts as a match."""
+    ws = sentence_words.split()
+    have = set(stems_)
+    mentions = [j for j, w in enumerate(ws) if stem(w) == stems_[-1]]
+    for j in mentions:
+        mods: list[str] = []
+        opened = False
+        for w in reversed(ws[max(0, j - 5) : j]):
+            if w in _DETERMINERS:
+                opened = True
+                break
+            if w in STOP or w in PREPOSITIONS:
+                break
+            mods.append(w)
+        if not opened or all(stem(m) in have for m in mods):
+            return False
+    return bool(mentions)
+
+
 def _phrase_cover(phrase: list[str], sentence: set[str], sentence_words: str, others: Sequence[str]) -> float:
     """Share of the phrase's words the sentence has (0 without its head noun, or when the sentence
-    names a longer entity ending in this phrase: "type T passkey" is not "passkey")."""
+    names a more specific thing: a longer entity ending in this phrase, "type T passkey" is not
+    "passkey", or the same head with other modifiers, "the violet paint" is not "paint in cup
+    containing yellow paint")."""
     stems_ = [stem(w) for w in phrase]
     if stems_[-1] not in sentence:
         return 0.0
@@ -115,6 +144,8 @@ def _phrase_cover(phrase: list[str], sentence: set[str], sentence_words: str, ot
     for e in others:
         if e != name and e.endswith(" " + name) and f" {e} " in sentence_words:
             return 0.0
+    if _more_specific(stems_, sentence_words):
+        return 0.0
     return sum(1 for x in stems_ if x in sentence) / len(stems_)
 
 
