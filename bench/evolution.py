@@ -157,8 +157,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--redo-knowledge",
         default=None,
         metavar="TAG",
-        help="after a change to the memory code: rerun what uses the knowledge (probation, the evolve "
-        "arms, ADAPT) from the same distilled candidates, keeping the episodes that do not use it "
+        help="after a change to the memory code: distill again and rerun what uses the knowledge "
+        "(probation, the evolve arms, ADAPT), keeping the episodes that do not use it "
         "(train, no_memory, the raw arms); done once per TAG, so the same command resumes",
     )
     ap.add_argument("--quiet", action="store_true")
@@ -272,10 +272,11 @@ KNOWLEDGE_PREFIXES = ("probation:", "adapt:", "curve:")
 
 
 def redo_knowledge(store: ExperienceStore, ns: str, tag: str, keep_dir: str | None) -> dict[str, int]:
-    """Forget what the knowledge did, once per ``tag``: the episodes of :data:`KNOWLEDGE_ARMS` and :data:`KNOWLEDGE_PREFIXES`
-    (also in ``keep_dir``), probation's verdicts (every item back to a candidate with no usage
-    stats: what distillation wrote, as its ids come from its content) and the usage write-back.
-    The episodes that never saw knowledge stay, so only the runs that depend on it rerun."""
+    """Forget what the knowledge did, once per ``tag``, and distill again: the episodes of
+    :data:`KNOWLEDGE_ARMS` and :data:`KNOWLEDGE_PREFIXES` (also in ``keep_dir``), probation's verdicts (every item back to a candidate with no usage
+    stats: what distillation wrote, as its ids come from its content) and the usage write-back;
+    distillation then runs again on the same episodes and merges (a changed distiller adds its new
+    rules). The episodes that never saw knowledge stay, so only the runs that depend on it rerun."""
     stage = f"redo:{tag}"
     if store.stages(ns).get(stage, {}).get("status") == "done":
         return {}
@@ -294,6 +295,7 @@ def redo_knowledge(store: ExperienceStore, ns: str, tag: str, keep_dir: str | No
               for g in store.guardrails(ns)]  # fmt: skip
     store.upsert_skills(skills)
     store.upsert_guardrails(guards)
+    store.set_stage(ns, "distill", "redo", {"tag": tag})  # distilled again: merged, new rules added
     store.set_stage(ns, "probation", "redo", {"tag": tag})
     store.reset_stages(f"usage:{ns}")
     store.set_stage(

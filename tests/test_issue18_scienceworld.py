@@ -23,7 +23,7 @@ from evolve.agents.graph import run_episode
 from evolve.agents.policies import OraclePolicy, RandomPolicy
 from evolve.envs import make_env
 from evolve.envs.scienceworld_env import class_predicates
-from evolve.schema import FailureCause, KnowledgeStatus, Observation, Task, Trajectory
+from evolve.schema import FailureCause, GuardrailScope, KnowledgeStatus, Observation, Task, Trajectory
 from evolve.skills import EvolveMemory, distill
 from evolve.skills.distill import goal_pattern
 from evolve.skills.enforce import GuardrailEnforcer
@@ -104,6 +104,11 @@ def test_fatal_focus_guardrail_generalises_over_the_class(
         and g.forbidden_action.startswith("focus")
     ]
     assert guards, result.rejected
+    # Two rules: the task type's, over classes, and the env-wide one, over what the goal asks for.
+    asked = [g for g in guards if g.trigger == ["not asked_by_goal({obj1})"]]
+    assert len(asked) == 1 and asked[0].scope == GuardrailScope.subgoal and not asked[0].task_pattern
+    guards = [g for g in guards if g not in asked]
+    assert guards and all(g.scope == GuardrailScope.task for g in guards)
     assert all(
         t.startswith("not is_living_thing(") or t.startswith("not is_animal(")
         for g in guards
@@ -119,9 +124,17 @@ def test_fatal_focus_guardrail_generalises_over_the_class(
     assert "focus on door to kitchen" in refused  # the analogous wrong object is refused
     assert len(refused) >= len(allowed)
 
-    # Out of scope for the opposite task, where those same non-living objects are the answer.
+    # The env-wide rule agrees here: the goal asks for a focus on a living thing.
+    assert _focus_verdicts(asked, obs) == (allowed, refused)
+
+    # Out of scope for the opposite task, where those same non-living objects are the answer; there
+    # the env-wide rule refuses exactly the living things ("a(n) non-living thing").
     other = _outside(sw, "sw-find-non-living-thing-v225")
     assert not _focus_verdicts(guards, other)[1]
+    ok, no = _focus_verdicts(asked, other)
+    living_other = _living(other)
+    assert ok and no and all(a[len("focus on ") :] in living_other for a in no)
+    assert not any(a[len("focus on ") :] in living_other for a in ok)
 
 
 def test_demo_skill_binds_the_goal_named_class_not_the_demo_object(sw: Any, experience: tuple) -> None:

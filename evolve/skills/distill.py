@@ -12,7 +12,10 @@ Goal words found next to the entities in the goal text become ``cue:`` tags (how
 for this skill: "retrieve" for ``take``).
 
 Guardrails. Failure steps of every episode, by diagnosed cause: ``lost`` / ``regression``
-(task-scoped: whether an action is fatal depends on the task) and ``precondition_unmet`` /
+(task-scoped: whether an action is fatal depends on the task; a fatal one-object action on
+an object the goal did not ask for, ``focus on art studio door`` under "First, focus on the
+thermometer.", also gives one env-wide rule, ``not asked_by_goal({obj1})``, see
+:func:`evolve.skills.grounding.goal_asks`) and ``precondition_unmet`` /
 ``invalid_action`` / ``loop`` (subgoal-scoped). The trigger is what *distinguishes* the failing
 state from states where the same action template worked (contrast), so a guardrail refuses an
 action only where it fails. Info actions that never changed anything across several episodes
@@ -61,9 +64,11 @@ from evolve.schema import (
     canonical_signature,
 )
 from evolve.skills.enforce import GuardrailEnforcer
+from evolve.skills.grounding import ASKED_BY_GOAL, goal_asks, instruction, split_sentences
 from evolve.skills.predicates import (
     CONSTANT_ARGS,
     SLOT,
+    FactBase,
     format_predicate,
     goal_kinds,
     is_kind_predicate,
@@ -71,7 +76,6 @@ from evolve.skills.predicates import (
     parse_predicate,
     template_regex,
 )
-from evolve.skills.retrieval import split_sentences
 from evolve.text import GROUNDING_STOPWORDS as STOP
 from evolve.text import normalise as norm
 from evolve.text import stem, words
@@ -524,12 +528,6 @@ def goal_kind_conditions(
     return list(dict.fromkeys(out))
 
 
-def _instruction(goal: str) -> str:
-    """The goal's instruction sentence (the one that says "task" or "goal", else the first)."""
-    sents = split_sentences(goal)
-    return next((s for s in sents if re.search(r"\btask\b|\bgoal\b", s, re.I)), sents[0] if sents else "")
-
-
 def fatal_kind_trigger(
     kinds: Sequence[str],
     successes: Sequence[set[str]],
@@ -565,7 +563,7 @@ def fatal_kind_trigger(
     verb = SLOT.split(template)[0].strip()
     asks = [x for x in split_sentences(goal) if verb and verb in norm(x)]
     if len(asks) == 1:
-        wanted, unwanted = goal_kinds(_instruction(goal), set(vocabulary))
+        wanted, unwanted = goal_kinds(instruction(goal), set(vocabulary))
         have = {ph for _, ph in _by_slot(kinds).get(arg, [])}
         if wanted and not wanted & have:
             return [f"not {vocabulary[w]}({arg})" for w in sorted(wanted)]
@@ -661,7 +659,7 @@ def goal_pattern(goal: str, avoid: Iterable[str] = ()) -> str:
     """
     bad = {norm(a) for a in avoid}
     bad_words = {w for a in bad for w in words(a)}
-    toks = words(_instruction(goal))
+    toks = words(instruction(goal))
     out: list[str] = []
     seen: set[str] = set()
     for i, w in enumerate(toks):
@@ -723,6 +721,27 @@ def _kind_executions(trajs: Sequence[Trajectory]) -> dict[tuple[str, str], list[
     return out
 
 
+def _note(
+    acc: dict[tuple[Any, ...], _GuardAcc],
+    t: Trajectory,
+    s: Step,
+    cause: FailureCause,
+    forbidden: str,
+    trigger: list[str],
+    scope: GuardrailScope,
+    pattern: str,
+) -> None:
+    """Count failure step ``s`` of ``t`` for the guardrail ``(cause, forbidden, trigger, pattern)``."""
+    key = (cause, forbidden, tuple(sorted(trigger)), pattern)
+    g = acc.get(key)
+    if g is None:
+        g = acc[key] = _GuardAcc(cause, forbidden, trigger, scope, pattern, t.env)
+    g.provenance.append(t.id)
+    g.evidence.append(
+        next((c.evidence for c in s.diagnosis.causes if c.cause == cause), "") if s.diagnosis else ""
+    )
+
+
 def distill_guardrails(
     trajectories: Iterable[Trajectory | dict[str, Any] | str],
     *,
@@ -769,8 +788,14 @@ def distill_guardrails(
             right = worked_kinds.get((task_family(t.task_id), tmpl), [])
             trigger: list[str] = []
             if fatal and kinds and len(set(used)) == 1:
-                # What the object is decides a fatal choice, not where it was or its name.
                 slot = slots.slot_of.get(used[0]) or slots.slot(norm(used[0]))
+                if not goal_asks(s.action.text, t.goal, FactBase.from_state(st)):
+                    # Whatever the task: the goal did not ask for this action on this object.
+                    asked = [f"not {ASKED_BY_GOAL}({{{slot}}})"]
+                    _note(
+                        acc, t, s, cause, template_regex(tmpl, {}).pattern, asked, GuardrailScope.subgoal, ""
+                    )
+                # What the object is decides a fatal choice, not where it was or its name.
                 trigger = fatal_kind_trigger(kinds, right, t.goal, tmpl, vocabulary, "{" + slot + "}")
                 if not trigger:
                     continue  # it is of the same classes as objects this action worked on
@@ -793,14 +818,7 @@ def distill_guardrails(
             task_scoped = cause in (FailureCause.lost, FailureCause.regression)
             scope = GuardrailScope.task if task_scoped else GuardrailScope.subgoal
             pattern = goal_pattern(t.goal, avoid=used) if task_scoped else ""
-            forbidden = template_regex(tmpl, {}).pattern
-            key = (cause, forbidden, tuple(sorted(trigger)), pattern)
-            g = acc.get(key)
-            if g is None:
-                g = acc[key] = _GuardAcc(cause, forbidden, trigger, scope, pattern, t.env)
-            g.provenance.append(t.id)
-            ev = next((c.evidence for c in s.diagnosis.causes if c.cause == cause), "")
-            g.evidence.append(ev)
+            _note(acc, t, s, cause, template_regex(tmpl, {}).pattern, trigger, scope, pattern)
     for tmpl, prov in info_fail.items():
         if len(prov) < info_min_support or worked.get(tmpl):
             continue

@@ -6,7 +6,9 @@ A guardrail refuses ``action`` in a state, for a task goal, when
    groups bind the guardrail's slots),
 2. its scope matches the task (scope ``task`` with a ``task_pattern``: the pattern is found in the
    goal; any other guardrail applies to every task), and
-3. its whole trigger holds in the state under that binding (unbound slots existentially).
+3. its whole trigger holds in the state under that binding (unbound slots existentially); a
+   condition ``[not] asked_by_goal(...)`` is no state fact but the question whether the goal asks
+   for this action (:func:`evolve.skills.grounding.goal_asks`).
 
 Patterns are compiled once per enforcer, so checking many actions against many guardrails (the
 agent's check before every action, distillation's harm check over all recorded steps) costs one
@@ -20,8 +22,28 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from evolve.schema import EnvState, Guardrail, GuardrailScope, GuardrailVerdict
-from evolve.skills.predicates import FactBase, bind_predicates, match_conditions
+from evolve.skills.grounding import ASKED_BY_GOAL, goal_asks
+from evolve.skills.predicates import FactBase, bind_predicates, match_conditions, parse_predicate
 from evolve.text import normalise as norm
+
+
+def trigger_holds(
+    trigger: list[str], action: str, goal: str, facts: FactBase, binding: dict[str, str] | None = None
+) -> tuple[bool, dict[str, str]]:
+    """Does ``trigger`` hold for ``action`` under ``binding`` (and with which full binding)?
+
+    State conditions are matched against ``facts``; ``[not] asked_by_goal(...)`` asks the goal.
+    Without an ``action`` (is the rule live at all here?) goal conditions are left out."""
+    state: list[str] = []
+    for c in trigger:
+        p = parse_predicate(c)
+        if p is not None and p[1] == ASKED_BY_GOAL:
+            if action and goal_asks(action, goal, facts) == p[0]:
+                return False, dict(binding or {})
+        else:
+            state.append(c)
+    sat, tot, full = match_conditions(state, facts, binding)
+    return sat == tot, full
 
 
 @dataclass(frozen=True)
@@ -93,8 +115,7 @@ class GuardrailEnforcer:
                 continue
             if facts is None:
                 facts = FactBase.from_state(state)
-            sat, tot, _ = match_conditions(r.guardrail.trigger, facts, b)
-            if sat == tot:
+            if trigger_holds(r.guardrail.trigger, action, goal, facts, b)[0]:
                 return r.guardrail, b
         return None
 

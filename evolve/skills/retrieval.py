@@ -34,152 +34,25 @@ from evolve.schema import (
     Observation,
     Skill,
 )
-from evolve.skills.enforce import GuardrailEnforcer
+from evolve.skills.enforce import GuardrailEnforcer, trigger_holds
+from evolve.skills.grounding import action_parts, class_readings, grounding, split_sentences
 from evolve.skills.predicates import (
     LEXICAL_PREFIX,
     SLOT,
     FactBase,
     bind_predicates,
     fill_template,
-    goal_kinds,
     is_kind_predicate,
-    kind_phrase,
     kinds_hold,
     match_conditions,
     template_regex,
 )
 from evolve.stores.embedders import Embedder
 from evolve.stores.hybrid import HybridScorer, Reranker
-from evolve.text import GROUNDING_STOPWORDS as STOP
 from evolve.text import content_stems, stem, words
 from evolve.text import normalise as norm
 
-# --------------------------------------------------------------------------- goal grounding
-
-
-def split_sentences(text: str) -> list[str]:
-    parts = re.split(r"(?<=[.!?;])\s+|\n+", text.strip())
-    return [p.strip() for p in parts if p.strip()]
-
-
-# Words that separate an action's noun phrases ("take X from Y", "unlock X with Y").
-PREPOSITIONS = frozenset(
-    [
-        "with",
-        "from",
-        "into",
-        "in",
-        "on",
-        "onto",
-        "inside",
-        "to",
-        "at",
-        "under",
-        "over",
-        "through",
-        "using",
-        "for",
-    ]
-)
-
-
-def action_parts(action: str) -> tuple[str, list[str]]:
-    """``"unlock safe with key"`` -> ``("unlock", ["safe", "key"])`` (stems, function words dropped)."""
-    ws = words(action)
-    if not ws:
-        return "", []
-    return stem(ws[0]), [stem(w) for w in ws[1:] if w not in STOP]
-
-
-def action_phrases(action: str) -> tuple[str, list[list[str]]]:
-    """``"take type 5 key from safe"`` -> ``("tak", [["type", "5", "key"], ["saf"]])``: verb + noun phrases."""
-    ws = words(action)
-    if not ws:
-        return "", []
-    phrases: list[list[str]] = [[]]
-    for w in ws[1:]:
-        if w in PREPOSITIONS:
-            phrases.append([])
-        elif w not in STOP:
-            phrases[-1].append(w)
-    return stem(ws[0]), [p for p in phrases if p]
-
-
-# Words that open a noun phrase in a goal sentence; "a(n)" (ScienceWorld's goals) reads "a", "n".
-_DETERMINERS = frozenset(["the", "a", "an", "n"])
-
-
-def _more_specific(stems_: list[str], sentence_words: str) -> bool:
-    """Does every mention of the phrase's head noun in the sentence carry a word the phrase lacks,
-    between a determiner and the head ("focus on the violet paint" vs ``paint``, "the yellow box" vs
-    ``green box``)? A mention without a determiner right before its words ("create violet paint")
-    says nothing about modifiers and counts as a match."""
-    ws = sentence_words.split()
-    have = set(stems_)
-    mentions = [j for j, w in enumerate(ws) if stem(w) == stems_[-1]]
-    for j in mentions:
-        mods: list[str] = []
-        opened = False
-        for w in reversed(ws[max(0, j - 5) : j]):
-            if w in _DETERMINERS:
-                opened = True
-                break
-            if w in STOP or w in PREPOSITIONS:
-                break
-            mods.append(w)
-        if not opened or all(stem(m) in have for m in mods):
-            return False
-    return bool(mentions)
-
-
-def _phrase_cover(phrase: list[str], sentence: set[str], sentence_words: str, others: Sequence[str]) -> float:
-    """Share of the phrase's words the sentence has (0 without its head noun, or when the sentence
-    names a more specific thing: a longer entity ending in this phrase, "type T passkey" is not
-    "passkey", or the same head with other modifiers, "the violet paint" is not "paint in cup
-    containing yellow paint")."""
-    stems_ = [stem(w) for w in phrase]
-    if stems_[-1] not in sentence:
-        return 0.0
-    name = " ".join(phrase)
-    for e in others:
-        if e != name and e.endswith(" " + name) and f" {e} " in sentence_words:
-            return 0.0
-    if _more_specific(stems_, sentence_words):
-        return 0.0
-    return sum(1 for x in stems_ if x in sentence) / len(stems_)
-
-
-def grounding(
-    action: str,
-    sentence_stems: set[str],
-    cues: dict[str, float],
-    *,
-    sentence_text: str = "",
-    entities: Sequence[str] = (),
-    known_verbs: set[str] | None = None,
-    require_verb: bool = False,
-) -> float:
-    """How well one goal sentence asks for ``action``: noun-phrase coverage x verb match.
-
-    The direct object counts double (goals often leave out the instrument: "unlock the door").
-    The verb matches literally or through ``cues``, goal words learned for it (``retrieve`` for
-    ``take``). When the sentence's verb is unknown (none of ``known_verbs`` in it), coverage alone
-    earns more than when the sentence asks for another known verb (``drop`` for "retrieve the key").
-    """
-    verb, phrases = action_phrases(action)
-    if not phrases:
-        return 0.0
-    padded = f" {' '.join(words(sentence_text))} "
-    covers = [_phrase_cover(p, sentence_stems, padded, entities) for p in phrases]
-    if covers[0] == 0:
-        return 0.0
-    cov = (2 * covers[0] + sum(covers[1:])) / (len(covers) + 1)
-    verb_hit = 1.0 if verb in sentence_stems else max((cues.get(w, 0.0) for w in sentence_stems), default=0.0)
-    if verb_hit == 0 and require_verb:
-        return 0.0
-    if verb_hit == 0 and known_verbs is not None and not (sentence_stems & known_verbs):
-        return cov * 0.7
-    return cov * (0.4 + 0.6 * verb_hit)
+# --------------------------------------------------------------------------- goal tracking
 
 
 class GoalTracker:
@@ -198,6 +71,7 @@ class GoalTracker:
         decay: float = 0.6,
         arg_words: set[str] | None = None,
     ):
+        self.goal = goal
         self.sentences = split_sentences(goal)
         self.stems = [set(content_stems(s)) for s in self.sentences]
         self.known_verbs = set(vocabulary) if vocabulary else None
@@ -233,31 +107,8 @@ class GoalTracker:
         return [i for i, d in enumerate(self.done) if not d and self.actionable[i]]
 
     def readings(self, action: str, facts: FactBase | None = None) -> list[str]:
-        """``action`` and, when it acts on an object of a class the goal names, the same action
-        with the object named by its class: "focus on baby wolf" also reads "focus on living
-        thing", which is how "find a(n) living thing. First, focus on the thing." asks for it."""
-        if facts is None:
-            return [action]
-        by_phrase: dict[str, list[str]] = {}
-        for name, rows in facts.by_name.items():
-            phrase = kind_phrase(name)
-            if phrase is not None:
-                by_phrase.setdefault(phrase, []).extend(r[0] for r in rows if len(r) == 1)
-        if not by_phrase:
-            return [action]
-        wanted, _ = goal_kinds(" ".join(self.sentences), by_phrase)
-        a = norm(action)
-        alias, head = a, a
-        objects = sorted({o for ph in wanted for o in by_phrase[ph]}, key=len, reverse=True)
-        for o in objects:
-            rx = rf"(?<![\w-]){re.escape(o)}(?![\w-])"
-            if re.search(rx, alias):
-                phrase = next(ph for ph in sorted(wanted, key=len, reverse=True) if o in by_phrase[ph])
-                alias = re.sub(rx, phrase, alias)
-                # A goal names the class once and then refers back to it by its head noun
-                # ("find a(n) living thing. First, focus on the thing.").
-                head = re.sub(rx, phrase.split()[-1], head)
-        return [action] if alias == a else list(dict.fromkeys([action, alias, head]))
+        """``action`` and its class readings under this goal (:func:`class_readings`)."""
+        return class_readings(action, self.goal, facts)
 
     def relevance(
         self, action: str, cues: dict[str, float], facts: FactBase | None = None
@@ -645,13 +496,13 @@ class KnowledgeIndex:
                 b = rule.binding(norm(a))
                 if b is None:
                     continue
-                sat, tot, full = match_conditions(g.trigger, facts, b)
-                if sat == tot:
+                holds, full = trigger_holds(g.trigger, a, goal, facts, b)
+                if holds:
                     gm.action, gm.binding, gm.applicable = a, full, True
                     break
             if not gm.applicable:
-                sat, tot, full = match_conditions(g.trigger, facts)
-                gm.applicable = sat == tot and bool(tot)
+                holds, full = trigger_holds(g.trigger, "", goal, facts)
+                gm.applicable = holds and bool(g.trigger)
                 gm.binding = full
             gm.score = (1.0 if gm.action else 0.5) * g.stats.confidence if gm.applicable else 0.0
             gm.reason = (
