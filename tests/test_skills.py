@@ -756,3 +756,34 @@ def test_a_goal_naming_a_more_specific_thing_does_not_ground_the_plainer_action(
     assert g("unlock wooden door with rusty key", "Unlock the wooden door with the key.") > 0.8
     assert g("take potato", "Your task is to take the red potato from the fridge.") == 0.0
     assert g("mix violet paint", "Your task is to use chemistry to create violet paint.") > 0
+
+
+def test_goal_asks_for_the_named_object_or_the_named_class() -> None:
+    """The question behind ``not asked_by_goal({obj1})`` guardrails, on ScienceWorld goals."""
+    from evolve.skills.grounding import goal_asks
+    from evolve.skills.predicates import FactBase
+
+    thermo = (
+        "Your task is to measure the temperature of unknown substance B, which is located around "
+        "the kitchen. First, focus on the thermometer. Next, focus on the unknown substance B."
+    )
+    facts = FactBase(
+        ["type_door(art studio door)", "is_device(thermometer)", "is_substance(unknown substance b)"]
+    )
+    assert goal_asks("focus on thermometer", thermo, facts)
+    assert goal_asks("focus on thermometer in inventory", thermo, facts)
+    assert goal_asks("focus on unknown substance B in inventory", thermo, facts)
+    assert not goal_asks("focus on art studio door", thermo, facts)
+    assert not goal_asks("focus on kitchen", thermo, facts)  # named, but not where it asks to focus
+
+    plant = "Your task is to find a(n) plant. First, focus on the thing. Then, move it to the red box in the living room."
+    facts = FactBase(["is_plant(apple tree)", "is_location(living room)", "type_room(living room)"])
+    assert goal_asks("focus on apple tree", plant, facts)  # by its class: "the thing"
+    assert not goal_asks("focus on living room", plant, facts)  # "room" is no class the task wants
+    assert not goal_asks("pick up apple tree", plant, facts)  # no sentence asks to pick up
+
+    non_living = plant.replace("a(n) plant", "a(n) non-living thing")
+    facts = FactBase(["is_living_thing(dove)", "is_container(glass jar)"])
+    assert goal_asks("focus on glass jar", non_living, facts)
+    assert goal_asks("focus on agent", non_living, facts)  # nothing says it is a living thing
+    assert not goal_asks("focus on dove", non_living, facts)
