@@ -740,7 +740,7 @@ def test_a_goal_naming_a_more_specific_thing_does_not_ground_the_plainer_action(
     from evolve.text import content_stems
 
     def g(action: str, sentence: str) -> float:
-        return grounding(action, set(content_stems(sentence)), {}, sentence_text=sentence)
+        return grounding(action, set(content_stems(sentence)), {}, sentence_text=sentence, specific=True)
 
     violet = "When you are done, focus on the violet paint."
     assert g("focus on paint in cup containing yellow paint", violet) == 0.0
@@ -756,6 +756,11 @@ def test_a_goal_naming_a_more_specific_thing_does_not_ground_the_plainer_action(
     assert g("unlock wooden door with rusty key", "Unlock the wooden door with the key.") > 0.8
     assert g("take potato", "Your task is to take the red potato from the fridge.") == 0.0
     assert g("mix violet paint", "Your task is to use chemistry to create violet paint.") > 0
+    # Skill relevance (not specific) still credits the shared head noun.
+    loose = grounding(
+        "take potato", set(content_stems("Take the red potato.")), {}, sentence_text="Take the red potato."
+    )
+    assert loose > 0
 
 
 def test_goal_asks_for_the_named_object_or_the_named_class() -> None:

@@ -2,9 +2,9 @@
 
 An action is split into its verb and noun phrases (``"take red key from box"`` -> ``tak``,
 ``[["red", "key"], ["box"]]``); a sentence grounds it by the share of each phrase's words it has
-(the direct object counts double) times how well its verb matches. A sentence that names a more
-specific thing than the action ("the violet paint" vs ``paint in cup containing yellow paint``)
-grounds nothing. An object can also be named by its class ("find a(n) living thing. First, focus
+(the direct object counts double) times how well its verb matches. For :func:`goal_asks`, a
+sentence that names a more specific thing than the action ("the violet paint" vs ``paint in cup
+containing yellow paint``) grounds nothing. An object can also be named by its class ("find a(n) living thing. First, focus
 on the thing." asks for ``focus on blue jay``) or by a class it is *not* of ("a(n) non-living
 thing"): :func:`class_readings`. :func:`goal_asks` is the yes/no question guardrails ask
 (``not asked_by_goal({obj1})``: a fatal action on an object the goal does not ask for).
@@ -103,7 +103,9 @@ def _more_specific(stems_: list[str], sentence_words: str) -> bool:
     return bool(mentions)
 
 
-def _phrase_cover(phrase: list[str], sentence: set[str], sentence_words: str, others: Sequence[str]) -> float:
+def _phrase_cover(
+    phrase: list[str], sentence: set[str], sentence_words: str, others: Sequence[str], specific: bool = False
+) -> float:
     """Share of the phrase's words the sentence has (0 without its head noun, or when the sentence
     names a more specific thing: a longer entity ending in this phrase, "type T passkey" is not
     "passkey", or the same head with other modifiers, "the violet paint" is not "paint in cup
@@ -115,7 +117,7 @@ def _phrase_cover(phrase: list[str], sentence: set[str], sentence_words: str, ot
     for e in others:
         if e != name and e.endswith(" " + name) and f" {e} " in sentence_words:
             return 0.0
-    if _more_specific(stems_, sentence_words):
+    if specific and _more_specific(stems_, sentence_words):
         return 0.0
     return sum(1 for x in stems_ if x in sentence) / len(stems_)
 
@@ -129,8 +131,14 @@ def grounding(
     entities: Sequence[str] = (),
     known_verbs: set[str] | None = None,
     require_verb: bool = False,
+    specific: bool = False,
 ) -> float:
     """How well one goal sentence asks for ``action``: noun-phrase coverage x verb match.
+
+    ``specific``: a sentence naming a more specific thing ("the violet paint" for ``paint in cup
+    ...``) grounds nothing. :func:`goal_asks` (a guardrail refusing fatal actions) asks so; skill
+    relevance does not: on TextWorld's quickstart it cost evolve 95% -> 80%, goals there name
+    objects with words their commands leave out.
 
     The direct object counts double (goals often leave out the instrument: "unlock the door").
     The verb matches literally or through ``cues``, goal words learned for it (``retrieve`` for
@@ -141,7 +149,7 @@ def grounding(
     if not phrases:
         return 0.0
     padded = f" {' '.join(words(sentence_text))} "
-    covers = [_phrase_cover(p, sentence_stems, padded, entities) for p in phrases]
+    covers = [_phrase_cover(p, sentence_stems, padded, entities, specific) for p in phrases]
     if covers[0] == 0:
         return 0.0
     cov = (2 * covers[0] + sum(covers[1:])) / (len(covers) + 1)
@@ -238,5 +246,7 @@ def goal_asks(action: str, goal: str, facts: FactBase | None = None) -> bool:
             return True
     readings = class_readings(action, goal, facts)
     return any(
-        grounding(r, st, {}, sentence_text=s, require_verb=True) > 0 for s, st in asking for r in readings
+        grounding(r, st, {}, sentence_text=s, require_verb=True, specific=True) > 0
+        for s, st in asking
+        for r in readings
     )
