@@ -289,10 +289,9 @@ def redo_knowledge(store: ExperienceStore, ns: str, tag: str, keep_dir: str | No
     if keep_dir:
         for run in runs:
             keep.run_file(Path(keep_dir), run).unlink(missing_ok=True)
-    skills = [s.model_copy(update={"status": KnowledgeStatus.candidate, "stats": KnowledgeStats()})
-              for s in store.skills(ns)]  # fmt: skip
-    guards = [g.model_copy(update={"status": KnowledgeStatus.candidate, "stats": KnowledgeStats()})
-              for g in store.guardrails(ns)]  # fmt: skip
+    fresh = {"status": KnowledgeStatus.candidate, "stats": KnowledgeStats()}
+    skills = [k.model_copy(update=fresh) for k in store.skills(ns)]
+    guards = [k.model_copy(update=fresh) for k in store.guardrails(ns)]
     store.upsert_skills(skills)
     store.upsert_guardrails(guards)
     store.set_stage(ns, "distill", "redo", {"tag": tag})  # distilled again: merged, new rules added
@@ -354,8 +353,10 @@ def main(argv: list[str] | None = None) -> None:
     if a.keep and any((n := keep.restore(store, ns, a.keep)).values()):
         log(f"  restored {n} from {a.keep}")
     if a.redo_knowledge and (n := redo_knowledge(store, ns, a.redo_knowledge, a.keep)):
-        log(f"  --redo-knowledge {a.redo_knowledge}: dropped {n['episodes']} episodes that used knowledge, "
-            f"{n['knowledge']} items back to candidates")  # fmt: skip
+        log(
+            f"  --redo-knowledge {a.redo_knowledge}: dropped {n['episodes']} episodes that used "
+            f"knowledge, {n['knowledge']} items back to candidates"
+        )
         if a.keep:
             keep.save(store, ns, a.keep)
 

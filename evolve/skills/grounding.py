@@ -4,9 +4,9 @@ An action is split into its verb and noun phrases (``"take red key from box"`` -
 ``[["red", "key"], ["box"]]``); a sentence grounds it by the share of each phrase's words it has
 (the direct object counts double) times how well its verb matches. For :func:`goal_asks`, a
 sentence that names a more specific thing than the action ("the violet paint" vs ``paint in cup
-containing yellow paint``) grounds nothing. An object can also be named by its class ("find a(n) living thing. First, focus
-on the thing." asks for ``focus on blue jay``) or by a class it is *not* of ("a(n) non-living
-thing"): :func:`class_readings`. :func:`goal_asks` is the yes/no question guardrails ask
+containing yellow paint``) grounds nothing. An object can also be named by its class ("find a(n)
+living thing. First, focus on the thing." asks for ``focus on blue jay``) or by a class it is
+*not* of ("a(n) non-living thing"): :func:`class_readings`. :func:`goal_asks` is the yes/no question guardrails ask
 (``not asked_by_goal({obj1})``: a fatal action on an object the goal does not ask for).
 
 The retrieval's :class:`~evolve.skills.retrieval.GoalTracker` scores relevance with the same
@@ -178,8 +178,10 @@ def _objects(facts: FactBase) -> dict[str, list[str]]:
     return by_phrase
 
 
-def _phrases(facts: FactBase) -> list[str]:
-    return [p for name in facts.by_name if (p := kind_phrase(name)) is not None]
+def _names(name: str) -> re.Pattern[str]:
+    """``name`` as a whole name inside an action ("apple tree" in "focus on apple tree", not in
+    "focus on apple trees" or "focus on non-apple tree")."""
+    return re.compile(rf"(?<![\w-]){re.escape(name)}(?![\w-])")
 
 
 def _unwanted(goal: str, phrases: Sequence[str]) -> set[str]:
@@ -215,13 +217,13 @@ def class_readings(action: str, goal: str, facts: FactBase | None = None) -> lis
     a = norm(action)
     alias, head, thing = a, a, a
     for o in sorted(named, key=len, reverse=True):
-        rx = rf"(?<![\w-]){re.escape(o)}(?![\w-])"
-        if re.search(rx, alias):
-            alias = re.sub(rx, named[o], alias)
+        rx = _names(o)
+        if rx.search(alias):
+            alias = rx.sub(named[o], alias)
             # A goal names the class once and then refers back to it by its head noun or as "the
             # thing" ("find a(n) living thing. First, focus on the thing."; "find a(n) plant. ...").
-            head = re.sub(rx, named[o].split()[-1], head)
-            thing = re.sub(rx, "thing", thing)
+            head = rx.sub(named[o].split()[-1], head)
+            thing = rx.sub("thing", thing)
     return [action] if alias == a else list(dict.fromkeys([action, alias, head, thing]))
 
 
@@ -237,12 +239,13 @@ def goal_asks(action: str, goal: str, facts: FactBase | None = None) -> bool:
     asking = [(s, st) for s, st in asking if verb in st]
     if not asking:
         return False
-    if facts is not None and (unwanted := _unwanted(instruction(goal), _phrases(facts))):
+    by_phrase = _objects(facts) if facts is not None else {}
+    if unwanted := _unwanted(instruction(goal), list(by_phrase)):
         # "a(n) non-living thing": anything not known to be a living thing is what it asks for
         # (an object without class facts too: the engine does not say it is one).
         a = norm(action)
-        members = {o for u in unwanted for o in _objects(facts).get(u, [])}
-        if not any(re.search(rf"(?<![\w-]){re.escape(o)}(?![\w-])", a) for o in members):
+        members = {o for u in unwanted for o in by_phrase.get(u, [])}
+        if not any(_names(o).search(a) for o in members):
             return True
     readings = class_readings(action, goal, facts)
     return any(
