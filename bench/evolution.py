@@ -266,15 +266,23 @@ def _probation_label(arm: str, knowledge: Any) -> str:
 
 
 # Run ids whose episodes depend on the memory code (they act with the distilled knowledge): these
-# arms, and every run id with these prefixes.
+# arms, and every run id with these prefixes but probation's runs with no knowledge (its baseline).
 KNOWLEDGE_ARMS = ("eval:evolve", "eval:evolve_context")
 KNOWLEDGE_PREFIXES = ("probation:", "adapt:", "curve:")
 
 
+def used_knowledge(run: str) -> bool:
+    """Did the episodes of run id ``run`` act with distilled knowledge?"""
+    if run.startswith("probation:") and run.endswith(_probation_label("", [])[len("probation::") :]):
+        return False  # probation's baseline arm ran without any knowledge
+    return run in KNOWLEDGE_ARMS or run.startswith(KNOWLEDGE_PREFIXES)
+
+
 def redo_knowledge(store: ExperienceStore, ns: str, tag: str, keep_dir: str | None) -> dict[str, int]:
-    """Forget what the knowledge did, once per ``tag``, and distill again: the episodes of
-    :data:`KNOWLEDGE_ARMS` and :data:`KNOWLEDGE_PREFIXES` (also in ``keep_dir``), probation's verdicts (every item back to a candidate with no usage
-    stats: what distillation wrote, as its ids come from its content) and the usage write-back;
+    """Forget what the knowledge did, once per ``tag``, and distill again: the episodes of runs that
+    :func:`used_knowledge` (also in ``keep_dir``; probation's no-knowledge baseline stays),
+    probation's verdicts (every item back to a candidate with no usage stats: what distillation
+    wrote, as its ids come from its content) and the usage write-back;
     distillation then runs again on the same episodes and merges (a changed distiller adds its new
     rules). The episodes that never saw knowledge stay, so only the runs that depend on it rerun."""
     stage = f"redo:{tag}"
@@ -283,7 +291,7 @@ def redo_knowledge(store: ExperienceStore, ns: str, tag: str, keep_dir: str | No
     runs: dict[str, int] = {}
     for t in store.trajectories(ns):
         run = t.run_id or ""
-        if run in KNOWLEDGE_ARMS or run.startswith(KNOWLEDGE_PREFIXES):
+        if used_knowledge(run):
             store.delete_trajectory(t.id, ns)
             runs[run] = runs.get(run, 0) + 1
     if keep_dir:

@@ -780,6 +780,17 @@ def test_goal_asks_for_the_named_object_or_the_named_class() -> None:
     assert goal_asks("focus on unknown substance B in inventory", thermo, facts)
     assert not goal_asks("focus on art studio door", thermo, facts)
     assert not goal_asks("focus on kitchen", thermo, facts)  # named, but not where it asks to focus
+    assert not goal_asks("focus on unknown substance", thermo, facts)  # the goal names substance B
+    which = "First, focus on the thermometer, which is on the table. Then, focus on the lamp that works."
+    assert goal_asks("focus on thermometer", which, facts)  # a clause after a name is no modifier
+    assert goal_asks("focus on lamp", which, facts)
+
+    paint = (
+        "Your task is to use chemistry to create orange paint. When you are done, focus on the orange paint."
+    )
+    facts = FactBase(["is_fruit(orange)", "is_substance(orange paint)"])
+    assert goal_asks("focus on orange paint", paint, facts)
+    assert not goal_asks("focus on orange", paint, facts)  # "orange" only modifies "paint" there
 
     plant = "Your task is to find a(n) plant. First, focus on the thing. Then, move it to the red box in the living room."
     facts = FactBase(["is_plant(apple tree)", "is_location(living room)", "type_room(living room)"])

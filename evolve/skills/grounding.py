@@ -78,17 +78,40 @@ def action_phrases(action: str) -> tuple[str, list[list[str]]]:
 
 # Words that open a noun phrase in a goal sentence; "a(n)" (ScienceWorld's goals) reads "a", "n".
 _DETERMINERS = frozenset(["the", "a", "an", "n"])
+# Words that open a clause or a next step after a name ("the thermometer, which is ..."): the name
+# before them is a whole noun phrase, not a modifier of a following noun.
+_CLAUSE = frozenset(
+    [
+        "which",
+        "who",
+        "where",
+        "when",
+        "while",
+        "so",
+        "but",
+        "if",
+        "first",
+        "next",
+        "after",
+        "before",
+        "located",
+    ]
+)
 
 
 def _more_specific(stems_: list[str], sentence_words: str) -> bool:
     """Does every mention of the phrase's head noun in the sentence carry a word the phrase lacks,
     between a determiner and the head ("focus on the violet paint" vs ``paint``, "the yellow box" vs
-    ``green box``)? A mention without a determiner right before its words ("create violet paint")
-    says nothing about modifiers and counts as a match."""
+    ``green box``), or modify a noun after it ("the orange paint" vs ``orange``, the fruit)? A
+    mention without a determiner right before its words ("create violet paint") says nothing about
+    modifiers and counts as a match."""
     ws = sentence_words.split()
     have = set(stems_)
     mentions = [j for j, w in enumerate(ws) if stem(w) == stems_[-1]]
     for j in mentions:
+        after = ws[j + 1] if j + 1 < len(ws) else ""
+        if after and not ({after} & (STOP | PREPOSITIONS | _DETERMINERS | _CLAUSE)):
+            continue  # "orange paint": the mention names the paint, not the orange
         mods: list[str] = []
         opened = False
         for w in reversed(ws[max(0, j - 5) : j]):
