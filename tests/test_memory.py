@@ -12,15 +12,18 @@ from test_skills import NAMES, CautiousRandom, ChestWorld, gold, play, run_loop
 from evolve.schema import (
     Action,
     ActionSource,
+    EnvState,
     FailureCause,
     Guardrail,
     GuardrailScope,
     KnowledgeStatus,
     MemoryContext,
+    Observation,
     Outcome,
     Skill,
     Split,
     Step,
+    Task,
 )
 from evolve.skills import EvolveMemory, RawTrajectoryMemory, distill_snapshot, usage_from_trajectories
 from evolve.skills.memory import MemoryConfig
@@ -133,6 +136,50 @@ def test_propose_runs_a_macro_and_abandons_it_when_a_step_fails() -> None:
     again = mem.propose(post, hist, ctx)
     assert again is None or again.text != f"open {c}"
     assert not mem.check_action(Action(text=f"open {c}"), post, ctx).allowed
+
+
+def test_a_skill_the_env_refused_is_not_replayed_with_the_next_binding_in_the_same_state() -> None:
+    """ScienceWorld lists ``focus on bee 0`` .. ``bee 4`` as valid and rejects each: after the
+    skill's step fails, the skill is neither executed nor recommended again until the state changes."""
+    focus = Skill(
+        name="focus on {obj1}",
+        steps=["focus on {obj1}"],
+        preconditions=["is_animal({obj1})"],
+        verification=["score increased"],
+        tags=["atomic", "cue:focus"],
+        status=KnowledgeStatus.active,
+    )
+    bees = [f"bee {i}" for i in range(3)]
+    goal = "Your task is to find the animal with the shortest life span. Focus on the animal."
+
+    def obs(location: str) -> Observation:
+        facts = [f"is_animal({b})" for b in bees]
+        state = EnvState(location=location, visible=["bee hive", *bees], facts=facts, score=0.0)
+        acts = ["look around", "teleport to outside", *(f"focus on {b}" for b in bees)]
+        return Observation(
+            text=f"This room is called the {location}.", state=state, goal=goal, admissible_actions=acts
+        )
+
+    mem = EvolveMemory([focus])
+    task = Task(id="sw-lifespan", env="scienceworld", goal=goal)
+    o0 = obs("greenhouse")
+    mem.on_episode_start(task, o0)
+    ctx = mem.retrieve(o0, [])
+    a = mem.propose(o0, [], ctx)
+    assert a is not None and a.text == "focus on bee 0" and a.skill_id == focus.id
+    refused = Observation(text="No known action matches that input.", state=o0.state, goal=goal,
+                          admissible_actions=o0.admissible_actions)  # fmt: skip
+    hist = [Step(index=0, pre_state=o0, action=a, post_state=refused)]
+    ctx = mem.retrieve(refused, hist)
+    assert mem.propose(refused, hist, ctx) is None  # not `focus on bee 1`
+    assert not any("applies now" in n for n in ctx.notes)
+    assert "focus on bee 0" in ctx.blocked  # the refused binding is listed as refused
+    # The model moves on (the state changes): the skill may act again there.
+    moved = obs("outside")
+    hist.append(Step(index=1, pre_state=refused, action=Action(text="teleport to outside"), post_state=moved))
+    ctx = mem.retrieve(moved, hist)
+    b = mem.propose(moved, hist, ctx)
+    assert b is not None and b.skill_id == focus.id
 
 
 def test_goal_tracker_reopens_undone_subgoals() -> None:

@@ -108,6 +108,8 @@ class _Episode:
     synced: int = 0
     macro: _Macro | None = None
     banned: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
+    failed_skills: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
+    """Per state: skills whose memory-executed step failed there (not offered again until it changes)."""
     taken: Counter[tuple[str, str]] = field(default_factory=Counter)
     looping: bool = False
     replanning: bool = False
@@ -283,6 +285,8 @@ class EvolveMemory:
                 ep.used.setdefault(str(gid), "guardrail")
             if failed and not blocked:
                 ep.banned[key].add(norm(action))
+                if step.action.skill_id and step.action.source in (ActionSource.skill, ActionSource.replan):
+                    ep.failed_skills[key].add(step.action.skill_id)
             if ep.tracker is not None and not blocked:
                 ep.tracker.observe(
                     action,
@@ -366,8 +370,15 @@ class EvolveMemory:
         query = ep.query = f"{ep.goal}\n{obs.text}"[:2000]
         if ep.tracker is not None:
             ep.tracker.entities = [norm(x) for x in [*obs.state.visible, *obs.state.inventory]]
-        banned = ep.banned.get(state_key(obs), set())
-        ep.matches = self.index.score_skills(obs, ep.tracker, query, banned=banned)
+        key = state_key(obs)
+        ep.matches = self.index.score_skills(obs, ep.tracker, query, banned=ep.banned.get(key, set()))
+        # A skill whose step the env just refused is not offered again in the same state with the
+        # next binding: ScienceWorld lists `focus on bee 0` .. `bee 4` as valid and rejects each,
+        # and the 1.5B agent's evolve arm spent 10 of 25 steps replaying them (BENCHMARKS.md).
+        for m in ep.matches:
+            if m.applicable and m.skill.id in ep.failed_skills.get(key, ()):
+                m.applicable, m.action = False, None
+                m.reason = "its step failed in this state; not again until the state changes"
         ep.matches_at = step_index
         return ep.matches
 
