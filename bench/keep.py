@@ -15,9 +15,12 @@ stages marked done. :func:`save` writes them under a directory:
 as were kept is not read at all). Not ``ExperienceStore.export_jsonl``: that writes one file for
 the whole namespace, so a new arm would rewrite (and re-commit) every earlier one.
 
-Save by hand after stopping a run (the benchmarks also save after each stage)::
+Save by hand after stopping a run (the benchmarks also save after each stage), and print the
+arms' table with paired deltas from what is kept (while the run holds the store, or before its
+report exists)::
 
     python bench/keep.py save runs/evolution-llm-sw18/store.duckdb NAMESPACE bench/results/sw18
+    python bench/keep.py table bench/results/sw18
 """
 
 from __future__ import annotations
@@ -30,8 +33,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from evolve.eval.harness import compare_arms
+from evolve.eval.metrics import arm_metrics
 from evolve.schema import Guardrail, Skill, Trajectory
 from evolve.stores import ExperienceStore
+
+ARMS = ("no_memory", "raw_retrieval", "evolve", "evolve_context", "raw_exemplars")
 
 
 def _stage_runs(namespace: str) -> tuple[str, ...]:
@@ -131,9 +138,56 @@ def restore(store: ExperienceStore, namespace: str, keep: str | Path) -> dict[st
     return out
 
 
+def arm_table(keep: str | Path) -> str:
+    """The kept test arms (``episodes/eval_<arm>.jsonl.gz``) as a markdown table, then the paired
+    score deltas: the numbers of the benchmark's report (same metrics and bootstrap seed), without
+    its store."""
+    eps = Path(keep) / "episodes"
+    found = {f.name[len("eval_") : -len(".jsonl.gz")] for f in eps.glob("eval_*.jsonl.gz")}
+    res = {
+        arm: [Trajectory.model_validate_json(x) for x in _read_lines(eps / f"eval_{arm}.jsonl.gz")]
+        for arm in [*[a for a in ARMS if a in found], *sorted(found - set(ARMS))]
+    }
+    if not res:
+        raise FileNotFoundError(f"no kept test arms (episodes/eval_*.jsonl.gz) under {keep}")
+    rows = [
+        "| arm | episodes | won | score 0-100 [95% CI] | lost (score < 0) | steps | prompt+gen tokens "
+        "per step | s per step p50 | model calls / memory-executed steps |",
+        "|---|---:|---:|---|---:|---:|---|---:|---|",
+    ]
+    for arm, ts in res.items():
+        m = arm_metrics(arm, ts)
+        calls = sum(1 for t in ts for s in t.steps if s.usage.prompt_tokens)
+        acted = sum(1 for t in ts for s in t.steps if s.action.skill_id or s.action.source.value == "skill")
+        lost = sum(1 for t in ts if t.score is not None and t.score < 0)
+        rows.append(
+            f"| {arm} | {m.episodes} | {sum(t.success for t in ts)} | {m.score.mean:.1f} "
+            f"[{m.score.lo:.1f}, {m.score.hi:.1f}] | {lost} | {m.steps_mean:.1f} | "
+            f"{m.prompt_tokens_per_step:.0f}+{m.completion_tokens_per_step:.0f} | {m.latency_p50_s:.1f} | "
+            f"{calls} / {acted} |"
+        )
+    rows.append("")
+    for c in compare_arms(res):
+        d = c.score_delta
+        rows.append(
+            f"- {c.a} - {c.b}: {d.mean:+.1f} [{d.lo:.1f}, {d.hi:.1f}] score points ({c.paired_episodes} paired)"
+        )
+    return "\n".join(rows)
+
+
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["table"]:
+        ap = argparse.ArgumentParser(description="print the kept test arms' table and paired deltas")
+        ap.add_argument("keep", help="the directory kept in git")
+        t = ap.parse_args(argv[1:])
+        try:
+            print(arm_table(t.keep))
+        except FileNotFoundError as e:
+            sys.exit(str(e))
+        return
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("action", choices=["save", "restore"])
+    ap.add_argument("action", choices=["save", "restore"], help="or 'table KEEP'")
     ap.add_argument("store", help="the benchmark's store.duckdb")
     ap.add_argument("namespace")
     ap.add_argument("keep", help="the directory kept in git")

@@ -14,6 +14,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 import evolution  # noqa: E402
+import keep  # noqa: E402
 
 from evolve.stores import ExperienceStore  # noqa: E402
 
@@ -157,3 +158,11 @@ def test_redo_knowledge_reruns_only_what_used_the_knowledge(tmp_path: Path) -> N
     evolution.main([*argv, "--redo-knowledge", "t1"])  # the same tag again: a resume, nothing dropped
     with ExperienceStore(out / "store.duckdb", namespace=ns, embedder="hash") as store:
         assert ids(store) == second
+    # The kept directory alone gives the report's numbers (while a run holds the store).
+    table = keep.arm_table(kept)
+    res = json.loads((out / "results.json").read_text())
+    for arm in ("no_memory", "raw_retrieval"):
+        d = res["comparisons"][arm]["score_delta"]
+        assert f"- evolve - {arm}: {d['mean']:+.1f} [{d['lo']:.1f}, {d['hi']:.1f}]" in table
+    for arm, m in res["arms"].items():
+        assert f"| {arm} | {m['episodes']} | " in table
