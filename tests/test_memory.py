@@ -182,6 +182,47 @@ def test_a_skill_the_env_refused_is_not_replayed_with_the_next_binding_in_the_sa
     assert b is not None and b.skill_id == focus.id
 
 
+def test_a_skill_is_bound_to_an_action_the_guardrails_allow() -> None:
+    """The paint task's skill said "do 'focus on paint in cup ...'" and the next note said a
+    guardrail refused it: a refused binding is dropped and the skill binds its next option."""
+    focus = Skill(
+        name="focus on {obj1}",
+        steps=["focus on {obj1}"],
+        preconditions=["is_substance({obj1})"],
+        verification=["score increased"],
+        tags=["atomic", "cue:focus"],
+        status=KnowledgeStatus.active,
+    )
+    no_paint = Guardrail(
+        root_cause=FailureCause.lost,
+        forbidden_action=r"focus\s+on\s+(?P<obj1>.+?)",
+        trigger=["is_paint({obj1})"],
+        scope=GuardrailScope.subgoal,
+        status=KnowledgeStatus.active,
+    )
+    goal = "Your task is to focus on a substance. First, focus on the substance near the red paint."
+    facts = ["is_paint(red paint)", "is_substance(red paint)", "is_substance(water)"]
+    o = Observation(
+        text="This room is called the art studio.",
+        state=EnvState(location="art studio", visible=["red paint", "water"], facts=facts),
+        goal=goal,
+        admissible_actions=["look around", "focus on red paint", "focus on water"],
+    )
+    task = Task(id="sw-paint", env="scienceworld", goal=goal)
+    alone = EvolveMemory([focus])
+    alone.on_episode_start(task, o)
+    ctx = alone.retrieve(o, [])
+    assert any("do 'focus on red paint'" in n for n in ctx.notes)  # the goal's words rank it first
+    mem = EvolveMemory([focus, no_paint])
+    mem.on_episode_start(task, o)
+    ctx = mem.retrieve(o, [])
+    assert not any("focus on red paint" in n for n in ctx.notes)
+    assert ctx.skills and ctx.skills[0].steps == ["focus on water"]
+    a = mem.propose(o, [], ctx)
+    assert a is not None and a.text == "focus on water"
+    assert mem.check_action(a, o, ctx).allowed
+
+
 def test_goal_tracker_reopens_undone_subgoals() -> None:
     env, task, (k, c, _) = _test_task()
     tracker = GoalTracker(task.goal, {"pick", "tak", "unlock", "open", "recover"})
