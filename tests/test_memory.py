@@ -55,6 +55,18 @@ NO_OPEN_LOCKED = Guardrail(
 )
 
 
+def _focus_skill(kind: str) -> Skill:
+    """ScienceWorld's decisive step as a learned skill: ``focus on {obj1}`` when ``kind({obj1})``."""
+    return Skill(
+        name="focus on {obj1}",
+        steps=["focus on {obj1}"],
+        preconditions=[f"{kind}({{obj1}})"],
+        verification=["score increased"],
+        tags=["atomic", "cue:focus"],
+        status=KnowledgeStatus.active,
+    )
+
+
 def _test_task(i: int = 0):
     env = ChestWorld()
     task = env.tasks("test")[i]
@@ -141,14 +153,7 @@ def test_propose_runs_a_macro_and_abandons_it_when_a_step_fails() -> None:
 def test_a_skill_the_env_refused_is_not_replayed_with_the_next_binding_in_the_same_state() -> None:
     """ScienceWorld lists ``focus on bee 0`` .. ``bee 4`` as valid and rejects each: after the
     skill's step fails, the skill is neither executed nor recommended again until the state changes."""
-    focus = Skill(
-        name="focus on {obj1}",
-        steps=["focus on {obj1}"],
-        preconditions=["is_animal({obj1})"],
-        verification=["score increased"],
-        tags=["atomic", "cue:focus"],
-        status=KnowledgeStatus.active,
-    )
+    focus = _focus_skill("is_animal")
     bees = [f"bee {i}" for i in range(3)]
     goal = "Your task is to find the animal with the shortest life span. Focus on the animal."
 
@@ -185,20 +190,14 @@ def test_a_skill_the_env_refused_is_not_replayed_with_the_next_binding_in_the_sa
 def test_a_skill_is_bound_to_an_action_the_guardrails_allow() -> None:
     """The paint task's skill said "do 'focus on paint in cup ...'" and the next note said a
     guardrail refused it: a refused binding is dropped and the skill binds its next option."""
-    focus = Skill(
-        name="focus on {obj1}",
-        steps=["focus on {obj1}"],
-        preconditions=["is_substance({obj1})"],
-        verification=["score increased"],
-        tags=["atomic", "cue:focus"],
-        status=KnowledgeStatus.active,
-    )
-    no_paint = Guardrail(
-        root_cause=FailureCause.lost,
-        forbidden_action=r"focus\s+on\s+(?P<obj1>.+?)",
-        trigger=["is_paint({obj1})"],
-        scope=GuardrailScope.subgoal,
-        status=KnowledgeStatus.active,
+    focus = _focus_skill("is_substance")
+    no_paint = NO_OPEN_LOCKED.model_copy(
+        update={
+            "id": "guard-no-paint",
+            "root_cause": FailureCause.lost,
+            "forbidden_action": r"focus\s+on\s+(?P<obj1>.+?)",
+            "trigger": ["is_paint({obj1})"],
+        }
     )
     goal = "Your task is to focus on a substance. First, focus on the substance near the red paint."
     facts = ["is_paint(red paint)", "is_substance(red paint)", "is_substance(water)"]
