@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from test_skills import NAMES, CautiousRandom, ChestWorld, gold, play, run_loop
 
+from evolve.diagnose import RuleDiagnoser
 from evolve.schema import (
     Action,
     ActionSource,
@@ -175,10 +176,23 @@ def test_a_skill_the_env_refused_is_not_replayed_with_the_next_binding_in_the_sa
     refused = Observation(text="No known action matches that input.", state=o0.state, goal=goal,
                           admissible_actions=o0.admissible_actions)  # fmt: skip
     hist = [Step(index=0, pre_state=o0, action=a, post_state=refused)]
+    hist[0].diagnosis = RuleDiagnoser().observe(hist[0])
+    assert FailureCause.invalid_action in hist[0].diagnosis.cause_names()
     ctx = mem.retrieve(refused, hist)
     assert mem.propose(refused, hist, ctx) is None  # not `focus on bee 1`
     assert not any("applies now" in n for n in ctx.notes)
     assert "focus on bee 0" in ctx.blocked  # the refused binding is listed as refused
+    # A step that was accepted but changed nothing ("that doesn't fit", TextWorld's wrong key) is
+    # not a refusal: the skill tries its next binding.
+    other = EvolveMemory([focus])
+    other.on_episode_start(task, o0)
+    a = other.propose(o0, [], other.retrieve(o0, []))
+    nothing = refused.model_copy(update={"text": "Nothing happens."})
+    tried = [Step(index=0, pre_state=o0, action=a, post_state=nothing)]
+    tried[0].diagnosis = RuleDiagnoser().observe(tried[0])
+    assert FailureCause.invalid_action not in tried[0].diagnosis.cause_names()
+    b = other.propose(nothing, tried, other.retrieve(nothing, tried))
+    assert b is not None and b.text == "focus on bee 1"
     # The model moves on (the state changes): the skill may act again there.
     moved = obs("outside")
     hist.append(Step(index=1, pre_state=refused, action=Action(text="teleport to outside"), post_state=moved))

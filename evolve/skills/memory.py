@@ -109,7 +109,7 @@ class _Episode:
     macro: _Macro | None = None
     banned: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
     failed_skills: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
-    """Per state: skills whose memory-executed step failed there (not offered again until it changes)."""
+    """Per state: skills whose memory-executed step the env refused there (not offered again until it changes)."""
     taken: Counter[tuple[str, str]] = field(default_factory=Counter)
     looping: bool = False
     replanning: bool = False
@@ -129,6 +129,14 @@ class _Episode:
 
 def _changed(step: Step) -> bool:
     return not diff_states(step.pre_state.state, step.post_state.state).empty
+
+
+def _refused_by_env(step: Step) -> bool:
+    """A memory-executed step the env did not accept as a command (``invalid_action``), not one that
+    only had no effect: TextWorld's skills rightly try the next binding after "that doesn't fit"."""
+    d = step.diagnosis
+    executed = step.action.source in (ActionSource.skill, ActionSource.replan)
+    return executed and d is not None and any(c.cause == FailureCause.invalid_action for c in d.causes)
 
 
 def _failed(step: Step) -> bool:
@@ -285,7 +293,7 @@ class EvolveMemory:
                 ep.used.setdefault(str(gid), "guardrail")
             if failed and not blocked:
                 ep.banned[key].add(norm(action))
-                if step.action.skill_id and step.action.source in (ActionSource.skill, ActionSource.replan):
+                if step.action.skill_id and _refused_by_env(step):
                     ep.failed_skills[key].add(step.action.skill_id)
             if ep.tracker is not None and not blocked:
                 ep.tracker.observe(
