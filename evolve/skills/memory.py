@@ -400,13 +400,13 @@ class EvolveMemory:
                 break
             banned |= refused
             ep.matches = self.index.score_skills(obs, ep.tracker, query, banned=banned)
-        # A skill whose step the env just refused is not offered again in the same state with the
+        # A skill whose step the env refused as a command is not offered again in the same state with the
         # next binding: ScienceWorld lists `focus on bee 0` .. `bee 4` as valid and rejects each,
         # and the 1.5B agent's evolve arm spent 10 of 25 steps replaying them (BENCHMARKS.md).
         for m in ep.matches:
             if m.applicable and m.skill.id in ep.failed_skills.get(key, ()):
                 m.applicable, m.action = False, None
-                m.reason = "its step failed in this state; not again until the state changes"
+                m.reason = "the env refused its step in this state; not again until the state changes"
         ep.matches_at = step_index
         return ep.matches
 
