@@ -35,10 +35,8 @@ from typing import Any
 
 from evolve.eval.harness import compare_arms
 from evolve.eval.metrics import arm_metrics
-from evolve.schema import Guardrail, Skill, Trajectory
+from evolve.schema import ActionSource, Guardrail, Skill, Trajectory
 from evolve.stores import ExperienceStore
-
-ARMS = ("no_memory", "raw_retrieval", "evolve", "evolve_context", "raw_exemplars")
 
 
 def _stage_runs(namespace: str) -> tuple[str, ...]:
@@ -142,6 +140,8 @@ def arm_table(keep: str | Path) -> str:
     """The kept test arms (``episodes/eval_<arm>.jsonl.gz``) as a markdown table, then the paired
     score deltas: the numbers of the benchmark's report (same metrics and bootstrap seed), without
     its store."""
+    from evolution import ARMS  # the benchmark's arm order (evolution imports this module)
+
     eps = Path(keep) / "episodes"
     found = {f.name[len("eval_") : -len(".jsonl.gz")] for f in eps.glob("eval_*.jsonl.gz")}
     res = {
@@ -158,7 +158,9 @@ def arm_table(keep: str | Path) -> str:
     for arm, ts in res.items():
         m = arm_metrics(arm, ts)
         calls = sum(1 for t in ts for s in t.steps if s.usage.prompt_tokens)
-        acted = sum(1 for t in ts for s in t.steps if s.action.skill_id or s.action.source.value == "skill")
+        acted = sum(
+            1 for t in ts for s in t.steps if s.action.skill_id or s.action.source == ActionSource.skill
+        )
         lost = sum(1 for t in ts if t.score is not None and t.score < 0)
         rows.append(
             f"| {arm} | {m.episodes} | {sum(t.success for t in ts)} | {m.score.mean:.1f} "

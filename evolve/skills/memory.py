@@ -379,29 +379,18 @@ class EvolveMemory:
         if ep.tracker is not None:
             ep.tracker.entities = [norm(x) for x in [*obs.state.visible, *obs.state.inventory]]
         key = state_key(obs)
-        banned = set(ep.banned.get(key, set()))
-        ep.matches = self.index.score_skills(obs, ep.tracker, query, banned=banned)
-        # A skill is bound to an action the guardrails allow: the paint task's skill said "do 'focus
+
+        # Skills are bound to actions their guardrails allow: the paint task's skill said "do 'focus
         # on paint in cup containing yellow paint'" and the next note said a guardrail refused it.
-        # A refused binding is dropped and the skill is bound again (to its next option, if any).
-        for rebind in range(4 if self.config.enforce and self.index.guardrails else 0):
-            refused = {
-                norm(m.action)
-                for m in ep.matches
-                if m.applicable and m.action and not self.index.check(m.action, obs, ep.goal).allowed
-            }
-            if not refused:
-                break
-            if rebind == 3:  # still refused after three rebinds: not applicable in this state
-                for m in ep.matches:
-                    if m.applicable and m.action and norm(m.action) in refused:
-                        m.applicable, m.action = False, None
-                        m.reason = "every binding tried is refused by a guardrail here"
-                break
-            banned |= refused
-            ep.matches = self.index.score_skills(obs, ep.tracker, query, banned=banned)
-        # A skill whose step the env refused as a command is not offered again in the same state with the
-        # next binding: ScienceWorld lists `focus on bee 0` .. `bee 4` as valid and rejects each,
+        def allowed(action: str) -> bool:
+            return self.index.check(action, obs, ep.goal).allowed
+
+        enforce = self.config.enforce and bool(self.index.guardrails)
+        ep.matches = self.index.score_skills(
+            obs, ep.tracker, query, banned=ep.banned.get(key, set()), allowed=allowed if enforce else None
+        )
+        # A skill whose step the env refused as a command is not offered again in the same state
+        # with the next binding: ScienceWorld lists `focus on bee 0` .. `bee 4` as valid and rejects each,
         # and the 1.5B agent's evolve arm spent 10 of 25 steps replaying them (BENCHMARKS.md).
         for m in ep.matches:
             if m.applicable and m.skill.id in ep.failed_skills.get(key, ()):

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -367,6 +367,7 @@ class KnowledgeIndex:
         binding: dict[str, str] | None = None,
         banned: set[str] | None = None,
         by_verb: dict[str, list[str]] | None = None,
+        allowed: Callable[[str], bool] | None = None,
     ) -> SkillMatch:
         """Score skill ``i`` at its step ``step`` (0 = a fresh start) in the state ``obs``."""
         s = self.skills[i]
@@ -415,7 +416,7 @@ class KnowledgeIndex:
                 " (with its class conditions)" if kinds else ""
             )
             return m
-        best: tuple[float, float, int | None, str, dict[str, str]] | None = None
+        ranked: list[tuple[float, float, int | None, str, dict[str, str]]] = []
         pre = [p for p in s.preconditions if not is_kind_predicate(p)] if step == 0 else []
         for a, b in options[:50]:
             sat, tot, full = match_conditions(pre, facts, b)
@@ -423,11 +424,16 @@ class KnowledgeIndex:
                 continue
             appl = sat / tot if tot else 1.0
             rel, where = tracker.relevance(a, cues, facts) if tracker is not None else (0.0, None)
-            key = (appl, rel, where, a, full)
-            if best is None or (appl, rel) > (best[0], best[1]):
-                best = key
-        if best is None:
+            ranked.append((appl, rel, where, a, full))
+        if not ranked:
             m.reason = f"step {step + 1} '{template}': no binding meets its class conditions"
+            return m
+        ranked.sort(key=lambda k: (-k[0], -k[1]))  # stable: the first of equal bindings, as listed
+        # The best binding ``allowed`` accepts (checked lazily, best first): a skill must not say
+        # "do X" for an X its guardrails refuse (the 1.5B paint episode was shown both).
+        best = next((k for k in ranked if allowed is None or allowed(k[3])), None)
+        if best is None:
+            m.reason = f"step {step + 1} '{template}': every binding is refused by a guardrail here"
             return m
         appl, rel, where, a, full = best
         m.applicability, m.relevance, m.sentence, m.binding = appl, rel, where, full
@@ -450,8 +456,10 @@ class KnowledgeIndex:
         tracker: GoalTracker | None,
         query: str,
         banned: set[str] | None = None,
+        allowed: Callable[[str], bool] | None = None,
     ) -> list[SkillMatch]:
-        """Every candidate skill scored at its first step, best first (with its reranker score, if any)."""
+        """Every candidate skill scored at its first step, best first (with its reranker score, if any);
+        each bound to its best action that ``allowed`` accepts (e.g. no guardrail refuses it)."""
         if not self.skills:
             return []
         facts = FactBase.from_state(obs.state)
@@ -468,7 +476,9 @@ class KnowledgeIndex:
         # moving the best one against the absolute min_score / propose_score cut-offs.
         top = max((max(self.rerank_scores.values(), default=0.0), 1e-9))
         for i in rows:
-            m = self.match_skill(i, obs, facts, tracker, float(sims[i]), banned=banned, by_verb=by_verb)
+            m = self.match_skill(
+                i, obs, facts, tracker, float(sims[i]), banned=banned, by_verb=by_verb, allowed=allowed
+            )
             m.rerank_score = self.rerank_scores.get(i)
             if m.rerank_score is not None:  # rerank -> threshold
                 m.score *= (1.0 - w) + w * min(max(m.rerank_score / top, 0.0), 1.0)
