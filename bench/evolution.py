@@ -504,9 +504,11 @@ def report(
                 "score_hi": p.score.hi,
                 "steps": p.steps,
                 "memories": p.memories,
+                "task_scores": p.task_scores,
             }
             for p in adapt_pts
         ],
+        "adapt_gain": g.model_dump() if (g := rep.adapt_gain) is not None else None,
         "wall_s": wall,
     }
     (out / "results.json").write_text(json.dumps(payload, indent=2, default=str))

@@ -33,8 +33,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from evolve.eval.adapt import adapt_points
 from evolve.eval.harness import compare_arms
-from evolve.eval.metrics import arm_metrics
+from evolve.eval.metrics import arm_metrics, paired_gain
 from evolve.schema import ActionSource, Guardrail, Skill, Trajectory
 from evolve.stores import ExperienceStore
 
@@ -177,16 +178,58 @@ def arm_table(keep: str | Path) -> str:
     return "\n".join(rows)
 
 
+def adapt_table(keep: str | Path) -> str:
+    """The kept ADAPT trials (``episodes/adapt_*_<trial>.jsonl.gz``, one group per ADAPT setting):
+    each task's score by trial, the curve over tasks, and trial 1 to the last trial paired over
+    the tasks that reached it; "" when nothing of ADAPT is kept. Works on a stopped run."""
+    groups: dict[str, dict[int, list[Trajectory]]] = {}
+    for f in sorted((Path(keep) / "episodes").glob("adapt_*.jsonl.gz")):
+        prefix, _, trial = f.name[: -len(".jsonl.gz")].rpartition("_")
+        if trial.isdigit():
+            groups.setdefault(prefix, {})[int(trial)] = [
+                Trajectory.model_validate_json(x) for x in _read_lines(f)
+            ]
+    out: list[str] = []
+    for prefix, per_trial in groups.items():
+        points = adapt_points(per_trial)
+        trials = [p.trial for p in points]
+        tasks = list(dict.fromkeys(t for p in points for t in p.task_scores))
+        out += [
+            f"ADAPT {prefix}: score 0-100 by trial",
+            "",
+            "| task | " + " | ".join(f"trial {k}" for k in trials) + " |",
+            "|---|" + "---:|" * len(trials),
+        ]
+        for task in tasks:
+            cells = [f"{p.task_scores[task]:.0f}" if task in p.task_scores else "" for p in points]
+            out.append(f"| {task} | " + " | ".join(cells) + " |")
+        out.append(
+            "| mean [95% CI] (tasks) | "
+            + " | ".join(f"{p.score.fmt()} ({p.episodes})" for p in points)
+            + " |"
+        )
+        if len(points) > 1 and (g := paired_gain(points[0].task_scores, points[-1].task_scores)):
+            out += ["", f"- trial {trials[0]} to trial {trials[-1]}, paired over tasks: {g.fmt()}"]
+        out.append("")
+    return "\n".join(out)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["table"]:
-        ap = argparse.ArgumentParser(description="print the kept test arms' table and paired deltas")
+        ap = argparse.ArgumentParser(
+            description="print the kept test arms' table with paired deltas, and the kept ADAPT trials"
+        )
         ap.add_argument("keep", help="the directory kept in git")
         t = ap.parse_args(argv[1:])
+        adapt = adapt_table(t.keep)
         try:
             print(arm_table(t.keep))
         except FileNotFoundError as e:
-            sys.exit(str(e))
+            if not adapt:
+                sys.exit(str(e))
+        if adapt:
+            print("\n" + adapt)
         return
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("action", choices=["save", "restore"], help="or 'table KEEP'")

@@ -11,6 +11,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 import evolution  # noqa: E402
@@ -48,14 +50,25 @@ def _args(out: Path, *extra: str) -> list[str]:
 
 
 def test_adapt_curve_carries_memory_between_trials(tmp_path: Path) -> None:
-    out = tmp_path / "evo"
-    evolution.main(_args(out, "--skip-arms", "--adapt-tasks", "2", "--adapt-trials", "3"))
+    out, kept = tmp_path / "evo", tmp_path / "kept"
+    evolution.main(
+        _args(out, "--skip-arms", "--adapt-tasks", "2", "--adapt-trials", "3", "--keep", str(kept))
+    )
     res = json.loads((out / "results.json").read_text())
     assert res["arms"] == {}
     pts = res["adapt"]
     assert [p["trial"] for p in pts] == [1, 2, 3]
     assert all(p["episodes"] == 2 for p in pts)
     assert all(0.0 <= p["score"] <= 100.0 and p["score_lo"] <= p["score"] <= p["score_hi"] for p in pts)
+    gain = res["adapt_gain"]
+    assert gain["tasks"] == 2 and gain["delta"]["mean"] == pytest.approx(
+        sum(pts[2]["task_scores"].values()) / 2 - sum(pts[0]["task_scores"].values()) / 2
+    )
+    # The kept trials alone give the same curve, task by task (while a run holds the store).
+    table = keep.adapt_table(kept)
+    assert all(f"{p['score']:.1f} [{p['score_lo']:.1f}, {p['score_hi']:.1f}] (2)" in table for p in pts)
+    assert all(f"| {task} | " in table for task in pts[0]["task_scores"])
+    assert "trial 1 to trial 3, paired over tasks: " in table
     assert (out / "adapt.png").stat().st_size > 0
     assert "ADAPT" in (out / "report.md").read_text()
 

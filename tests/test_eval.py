@@ -15,7 +15,18 @@ from typer.testing import CliRunner
 
 from evolve.agents.base import NoHooks
 from evolve.cli import app
-from evolve.eval import Episodes, Memory, adapt, bootstrap, compare, record_usage, task_ids
+from evolve.eval import (
+    Episodes,
+    EvalReport,
+    Memory,
+    adapt,
+    bootstrap,
+    compare,
+    paired_gain,
+    record_usage,
+    task_ids,
+    write_report,
+)
 from evolve.schema import Outcome, Skill, Trajectory
 from evolve.specs import EnvSpec
 from evolve.stores import ExperienceStore
@@ -52,6 +63,29 @@ def test_bootstrap_is_the_percentile_ci_of_the_mean() -> None:
     assert (est.lo, est.hi) == pytest.approx((np.quantile(means, 0.025), np.quantile(means, 0.975)))
     assert bootstrap([0.7]).lo == bootstrap([0.7]).hi == 0.7
     assert bootstrap([]).n == 0
+
+
+def test_paired_gain_pairs_tasks_and_bootstraps_the_ratio_of_means() -> None:
+    before = {"a": 40.0, "b": 60.0, "c": 0.0}
+    after = {"a": 50.0, "b": 75.0, "c": 10.0, "d": 99.0}  # d has no trial 1: not paired
+    g = paired_gain(before, after, n_boot=4000)
+    assert g is not None and g.tasks == 3
+    assert (g.before, g.after) == pytest.approx((100 / 3, 45.0))
+    assert g.delta.mean == pytest.approx(35 / 3)
+    assert g.relative is not None and g.relative.mean == pytest.approx(0.35)
+    # The relative CI is the ratio of resampled means (same draws as the delta's bootstrap).
+    a, b = np.array([40.0, 60.0, 0.0]), np.array([50.0, 75.0, 10.0])
+    idx = np.random.default_rng(0).integers(0, 3, size=(4000, 3))
+    ma, mb = a[idx].mean(1), b[idx].mean(1)
+    r = np.where(ma > 0, (mb - ma) / np.where(ma > 0, ma, 1), np.inf)  # c alone: 0 -> 10
+    assert (g.relative.lo, g.relative.hi) == pytest.approx(
+        (np.quantile(r, 0.025, method="lower"), np.quantile(r, 0.975, method="higher"))
+    )
+    assert g.relative.hi == np.inf and "relative +35%" in g.fmt()
+    # Nothing scored at the first point: no relative gain, and the reason is said.
+    z = paired_gain({"a": 0.0, "b": 0.0}, {"a": 25.0, "b": 0.0})
+    assert z is not None and z.relative is None and z.delta.mean == 12.5 and "undefined" in z.fmt()
+    assert paired_gain({"a": 1.0}, {"b": 2.0}) is None
 
 
 def _traj(task: str, seed: int, success: bool, used: dict[str, int] | None = None) -> Trajectory:
@@ -135,6 +169,14 @@ def test_adapt_distils_only_from_the_tasks_earlier_trials(tmp_path: Path) -> Non
         pts = adapt(eps, memory, tasks, trials=3, seed=0)
         assert [p.trial for p in pts] == [1, 2, 3] and all(p.episodes == 2 for p in pts)
         assert [p.memories for p in pts] == [0, 1, 2]
+        assert all(set(p.task_scores) == set(tasks) for p in pts)
+        rep = EvalReport(title="t", env="textworld", split="test", policy="random", adapt=pts)
+        gain = paired_gain(pts[0].task_scores, pts[-1].task_scores)
+        assert gain is not None and rep.adapt_gain == gain
+        assert (
+            f"Trial 1 to trial 3, paired over tasks: {gain.fmt()}"
+            in write_report(rep, tmp_path / "r")["report"].read_text()
+        )
         # Each snapshot came from one task's own history only.
         assert all(len(s) == 1 for s in seen)
         by_trial = {k: store.trajectories(run_id=f"adapt:{k}") for k in (1, 2, 3)}

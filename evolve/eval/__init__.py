@@ -2,7 +2,7 @@
 runner, usage write-back) and reports with plots. Memory arrives from the recipe as a
 :class:`Memory`; nothing here imports ``evolve.skills`` or the pipeline."""
 
-from evolve.eval.adapt import adapt
+from evolve.eval.adapt import adapt, adapt_points
 from evolve.eval.harness import (
     ARMS,
     COMPARISONS,
@@ -18,7 +18,17 @@ from evolve.eval.harness import (
     run_arms,
     task_ids,
 )
-from evolve.eval.metrics import ArmMetrics, Comparison, Estimate, arm_metrics, bootstrap, compare
+from evolve.eval.metrics import (
+    ArmMetrics,
+    Comparison,
+    Estimate,
+    Gain,
+    arm_metrics,
+    bootstrap,
+    compare,
+    paired_gain,
+    task_score,
+)
 from evolve.eval.report import AdaptPoint, CurvePoint, EvalReport, print_report, write_report
 
 __all__ = [
@@ -32,9 +42,11 @@ __all__ = [
     "Episodes",
     "Estimate",
     "EvalReport",
+    "Gain",
     "Memory",
     "ProbationRunner",
     "adapt",
+    "adapt_points",
     "arm_hooks",
     "arm_metrics",
     "bootstrap",
@@ -42,9 +54,11 @@ __all__ = [
     "compare_arms",
     "knowledge_counts",
     "learning_curve",
+    "paired_gain",
     "print_report",
     "record_usage",
     "run_arms",
     "task_ids",
+    "task_score",
     "write_report",
 ]

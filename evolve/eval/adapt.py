@@ -20,7 +20,7 @@ from typing import Any
 
 from evolve.errors import ConfigError
 from evolve.eval.harness import Episodes, Memory
-from evolve.eval.metrics import arm_metrics
+from evolve.eval.metrics import arm_metrics, task_score
 from evolve.eval.report import AdaptPoint
 from evolve.schema import Knowledge, Task, Trajectory
 from evolve.specs import PolicySpec
@@ -106,9 +106,22 @@ def adapt(
                 tid = task.id if isinstance(task, Task) else task
                 won = any(t.success for t in trajs)
                 log(f"adapt {tid} trial {k}: {'won' if won else 'lost'} with {len(snap)} memories")
+    return adapt_points(per_trial, memories, n_boot)
+
+
+def adapt_points(
+    per_trial: Mapping[int, Sequence[Trajectory]],
+    memories: Mapping[int, Sequence[int]] | None = None,
+    n_boot: int = 2000,
+) -> list[AdaptPoint]:
+    """One :class:`AdaptPoint` per trial from its episodes (one per task), in trial order;
+    ``memories``: the knowledge items each task's trial ran with (else 0). Also what
+    ``bench/keep.py table`` rebuilds a stopped run's curve with."""
     points = []
-    for k, trajs in per_trial.items():
+    for k in sorted(per_trial):
+        trajs = per_trial[k]
         m = arm_metrics(f"trial {k}", trajs, n_boot)
+        mem = (memories or {}).get(k) or [0]
         points.append(
             AdaptPoint(
                 trial=k,
@@ -116,7 +129,8 @@ def adapt(
                 success=m.success,
                 score=m.score,
                 steps=m.steps_mean,
-                memories=sum(memories[k]) / max(len(memories[k]), 1),
+                memories=sum(mem) / len(mem),
+                task_scores={t.task_id: task_score(t) for t in trajs},
             )
         )
     return points

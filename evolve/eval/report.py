@@ -13,11 +13,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, computed_field
 from rich.console import Console
 from rich.table import Table
 
-from evolve.eval.metrics import ArmMetrics, Comparison, Estimate
+from evolve.eval.metrics import ArmMetrics, Comparison, Estimate, Gain, paired_gain
 
 Interval = tuple[float, float, float]
 """(mean, lo, hi)"""
@@ -50,6 +50,8 @@ class AdaptPoint(BaseModel):
     steps: float
     memories: float
     """Mean number of knowledge items the memory held at this trial."""
+    task_scores: dict[str, float] = Field(default_factory=dict)
+    """Each task's score 0-100 at this trial: what :attr:`EvalReport.adapt_gain` pairs."""
 
 
 class EvalReport(BaseModel):
@@ -62,6 +64,15 @@ class EvalReport(BaseModel):
     curve: list[CurvePoint] = Field(default_factory=list)
     adapt: list[AdaptPoint] = Field(default_factory=list)
     adapt_title: str = "ADAPT: the same task over trials, memory carried"
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def adapt_gain(self) -> Gain | None:
+        """Trial 1 to the last trial, paired over tasks (None without two trials)."""
+        if len(self.adapt) < 2:
+            return None
+        return paired_gain(self.adapt[0].task_scores, self.adapt[-1].task_scores)
+
     knowledge: dict[str, Any] = Field(default_factory=dict)
     """``counts`` ({skills|guardrails: {status: n}}) is shown as a table; the rest as JSON."""
     caption: str = ""
@@ -289,6 +300,8 @@ def _markdown(report: EvalReport, files: Mapping[str, Path]) -> str:
                 f"| {a.trial} | {a.episodes} | {_pct(a.success)} | {a.score.fmt()} | {a.steps:.1f} | "
                 f"{a.memories:.1f} |"
             )
+        if (g := report.adapt_gain) is not None:
+            md += ["", f"Trial 1 to trial {report.adapt[-1].trial}, paired over tasks: {g.fmt()}."]
         md += ["", "![ADAPT curve](adapt.png)", ""]
     if report.arms:
         md += [
@@ -420,6 +433,11 @@ def print_report(report: EvalReport, console: Console, *, detailed: bool = False
                 ]
                 for a in report.adapt
             ],
+            caption=(
+                f"trial 1 to trial {report.adapt[-1].trial}, paired over tasks: {g.fmt()}"
+                if (g := report.adapt_gain) is not None
+                else ""
+            ),
         )
 
 
