@@ -116,10 +116,11 @@ def adapt_points(
 ) -> list[AdaptPoint]:
     """One :class:`AdaptPoint` per trial from its episodes (one per task), in trial order;
     ``memories``: the knowledge items each task's trial ran with (else 0). Also what
-    ``bench/keep.py table`` rebuilds a stopped run's curve with."""
+    ``bench/keep.py table`` rebuilds a stopped run's curve with: the episodes are taken in
+    (task, seed) order, so the bootstrap CIs do not depend on the order they came in."""
     points = []
     for k in sorted(per_trial):
-        trajs = per_trial[k]
+        trajs = sorted(per_trial[k], key=lambda t: (t.task_id, t.seed or 0))
         m = arm_metrics(f"trial {k}", trajs, n_boot)
         mem = (memories or {}).get(k) or [0]
         points.append(
