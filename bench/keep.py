@@ -35,7 +35,8 @@ from typing import Any
 
 from evolve.eval.adapt import adapt_points
 from evolve.eval.harness import compare_arms
-from evolve.eval.metrics import arm_metrics, paired_gain
+from evolve.eval.metrics import arm_metrics
+from evolve.eval.report import EvalReport
 from evolve.schema import ActionSource, Guardrail, Skill, Trajectory
 from evolve.stores import ExperienceStore
 
@@ -208,8 +209,8 @@ def adapt_table(keep: str | Path) -> str:
             + " | ".join(f"{p.score.fmt()} ({p.episodes})" for p in points)
             + " |"
         )
-        if len(points) > 1 and (g := paired_gain(points[0].task_scores, points[-1].task_scores)):
-            out += ["", f"- trial {trials[0]} to trial {trials[-1]}, paired over tasks: {g.fmt()}"]
+        if line := EvalReport(title=prefix, env="", split="", policy="", adapt=points).adapt_gain_line():
+            out += ["", f"- {line}"]
         out.append("")
     return "\n".join(out)
 

@@ -192,8 +192,7 @@ def paired_gain(
     if a.mean() > 0:
         idx = np.random.default_rng(seed).integers(0, len(keys), size=(n_boot, len(keys)))
         ma, mb = a[idx].mean(axis=1), b[idx].mean(axis=1)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            r = np.where(ma > 0, (mb - ma) / np.where(ma > 0, ma, 1.0), np.where(mb > 0, np.inf, 0.0))
+        r = np.where(ma > 0, (mb - ma) / np.where(ma > 0, ma, 1.0), np.where(mb > 0, np.inf, 0.0))
         rel = Estimate(
             mean=float((b.mean() - a.mean()) / a.mean()),
             lo=float(np.quantile(r, alpha / 2, method="lower")),

@@ -64,6 +64,10 @@ class EvalReport(BaseModel):
     curve: list[CurvePoint] = Field(default_factory=list)
     adapt: list[AdaptPoint] = Field(default_factory=list)
     adapt_title: str = "ADAPT: the same task over trials, memory carried"
+    knowledge: dict[str, Any] = Field(default_factory=dict)
+    """``counts`` ({skills|guardrails: {status: n}}) is shown as a table; the rest as JSON."""
+    caption: str = ""
+    notes: list[str] = Field(default_factory=list)
 
     @computed_field  # type: ignore[prop-decorator]
     @property
@@ -73,10 +77,10 @@ class EvalReport(BaseModel):
             return None
         return paired_gain(self.adapt[0].task_scores, self.adapt[-1].task_scores)
 
-    knowledge: dict[str, Any] = Field(default_factory=dict)
-    """``counts`` ({skills|guardrails: {status: n}}) is shown as a table; the rest as JSON."""
-    caption: str = ""
-    notes: list[str] = Field(default_factory=list)
+    def adapt_gain_line(self) -> str:
+        """The gain as one sentence for the report and the console ("" without two trials)."""
+        g = self.adapt_gain
+        return f"trial 1 to trial {self.adapt[-1].trial}, paired over tasks: {g.fmt()}" if g else ""
 
     def table_md(self) -> str:
         rows = [
@@ -300,8 +304,8 @@ def _markdown(report: EvalReport, files: Mapping[str, Path]) -> str:
                 f"| {a.trial} | {a.episodes} | {_pct(a.success)} | {a.score.fmt()} | {a.steps:.1f} | "
                 f"{a.memories:.1f} |"
             )
-        if (g := report.adapt_gain) is not None:
-            md += ["", f"Trial 1 to trial {report.adapt[-1].trial}, paired over tasks: {g.fmt()}."]
+        if line := report.adapt_gain_line():
+            md += ["", line[0].upper() + line[1:] + "."]
         md += ["", "![ADAPT curve](adapt.png)", ""]
     if report.arms:
         md += [
@@ -433,11 +437,7 @@ def print_report(report: EvalReport, console: Console, *, detailed: bool = False
                 ]
                 for a in report.adapt
             ],
-            caption=(
-                f"trial 1 to trial {report.adapt[-1].trial}, paired over tasks: {g.fmt()}"
-                if (g := report.adapt_gain) is not None
-                else ""
-            ),
+            caption=report.adapt_gain_line(),
         )
 
 
