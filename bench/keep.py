@@ -36,7 +36,7 @@ from typing import Any
 from evolve.eval.adapt import adapt_points
 from evolve.eval.harness import compare_arms
 from evolve.eval.metrics import arm_metrics
-from evolve.eval.report import EvalReport
+from evolve.eval.report import adapt_gain_line
 from evolve.schema import ActionSource, Guardrail, Skill, Trajectory
 from evolve.stores import ExperienceStore
 
@@ -209,7 +209,7 @@ def adapt_table(keep: str | Path) -> str:
             + " | ".join(f"{p.score.fmt()} ({p.episodes})" for p in points)
             + " |"
         )
-        if line := EvalReport(title=prefix, env="", split="", policy="", adapt=points).adapt_gain_line():
+        if line := adapt_gain_line(points):
             out += ["", f"- {line}"]
         out.append("")
     return "\n".join(out)

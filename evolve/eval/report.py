@@ -54,6 +54,22 @@ class AdaptPoint(BaseModel):
     """Each task's score 0-100 at this trial: what :attr:`EvalReport.adapt_gain` pairs."""
 
 
+def adapt_gain(points: Sequence[AdaptPoint]) -> Gain | None:
+    """An ADAPT curve's first trial to its last, paired over tasks (None without two trials)."""
+    if len(points) < 2:
+        return None
+    return paired_gain(points[0].task_scores, points[-1].task_scores)
+
+
+def adapt_gain_line(points: Sequence[AdaptPoint]) -> str:
+    """:func:`adapt_gain` as one sentence ("" without two trials): the report, the console and
+    ``bench/keep.py table`` print this."""
+    g = adapt_gain(points)
+    if g is None:
+        return ""
+    return f"trial {points[0].trial} to trial {points[-1].trial}, paired over tasks: {g.fmt()}"
+
+
 class EvalReport(BaseModel):
     title: str
     env: str
@@ -72,15 +88,12 @@ class EvalReport(BaseModel):
     @computed_field  # type: ignore[prop-decorator]
     @property
     def adapt_gain(self) -> Gain | None:
-        """Trial 1 to the last trial, paired over tasks (None without two trials)."""
-        if len(self.adapt) < 2:
-            return None
-        return paired_gain(self.adapt[0].task_scores, self.adapt[-1].task_scores)
+        """The first trial to the last, paired over tasks (None without two trials)."""
+        return adapt_gain(self.adapt)
 
     def adapt_gain_line(self) -> str:
         """The gain as one sentence for the report and the console ("" without two trials)."""
-        g = self.adapt_gain
-        return f"trial 1 to trial {self.adapt[-1].trial}, paired over tasks: {g.fmt()}" if g else ""
+        return adapt_gain_line(self.adapt)
 
     def table_md(self) -> str:
         rows = [
